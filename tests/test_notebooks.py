@@ -1,0 +1,221 @@
+"""Every notebook, executed top to bottom through papermill at CI size.
+
+How it works
+------------
+Each ``notebooks/*.ipynb`` (found by glob, so a new notebook is tested as
+soon as it exists) runs on a fresh kernel with ``notebooks/`` as its working
+directory. Papermill injects the notebook's entry of :data:`CI_PARAMETERS`
+plus ``OUTPUT_DIR`` (a temporary directory) after the cell tagged
+``parameters``. The notebook writes ``OUTPUT_DIR/metrics.json``; the test
+reads it and calls the notebook's checker from :data:`CHECKS`.
+
+Adding a notebook (notebook owners)
+-----------------------------------
+1. Add ``"NN_name": {"EPOCHS": 1, ...}`` to :data:`CI_PARAMETERS`: sizes that
+   run in well under a minute on two CPU cores. A notebook without an entry
+   runs with its default parameters.
+2. Write ``check_NN(metrics, output_dir)`` asserting on what the notebook
+   measured (shapes, ranges, orderings that must hold even at CI size) and
+   add it to :data:`CHECKS`. A notebook without a checker must still write a
+   non-empty ``metrics.json``.
+3. If it needs longer than :data:`DEFAULT_TIMEOUT_S`, add it to
+   :data:`TIMEOUT_S`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = Path(os.environ.get("MOCOLAB_NOTEBOOK_DIR", REPO / "notebooks")).resolve()
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+
+# --------------------------------------------------------------------------
+# Per-notebook CI sizes, checkers and time limits (owners add their entries)
+# --------------------------------------------------------------------------
+
+#: Parameters injected into each notebook in CI, on top of OUTPUT_DIR.
+#: Keys are notebook names without extension; values override the
+#: notebook's ``parameters`` cell. DEVICE stays "auto" unless set here.
+CI_PARAMETERS: dict[str, dict] = {}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+#: Checkers: ``check(metrics: dict, output_dir: Path)``, raising AssertionError.
+CHECKS: dict[str, callable] = {}
+
+#: Seconds a notebook may take at CI size before the test fails.
+DEFAULT_TIMEOUT_S = 600
+TIMEOUT_S: dict[str, int] = {}
+
+# --------------------------------------------------------------------------
+# Machinery
+# --------------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+# Quiet, headless, reproducible kernels: no progress bars, no GUI backend.
+KERNEL_ENV = {
+    "CI": os.environ.get("CI", "true"),
+    "TQDM_DISABLE": "1",
+    "MPLBACKEND": "Agg",
+    "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+}
+
+
+def strip_ansi(text: str) -> str:
+    """Remove terminal colour codes (IPython tracebacks are coloured)."""
+    return _ANSI.sub("", text)
+
+
+_PAPERMILL_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
+
+
+def describe_failure(exc, executed_path: Path) -> str:
+    """A readable report of a papermill execution error: the cell and its traceback.
+
+    The cell is located in the executed notebook by its error output and
+    numbered as in the source notebook (papermill's own cells not counted).
+    """
+    import nbformat
+
+    where = f"cell In[{getattr(exc, 'exec_count', '?')}]"
+    if executed_path.exists():
+        nb = nbformat.read(executed_path, as_version=4)
+        source_cells = [c for c in nb.cells if not _PAPERMILL_TAGS & set(c.metadata.get("tags", []))]
+        for index, cell in enumerate(source_cells):
+            if any(out.get("output_type") == "error" for out in cell.get("outputs", [])):
+                first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
+                where = f"cell {index} (first line: {first!r})"
+                break
+    traceback = strip_ansi("\n".join(getattr(exc, "traceback", []) or []))
+    return (
+        f"{executed_path.name.split('.')[0]}: {where} raised {exc.ename}: {strip_ansi(str(exc.evalue))}\n"
+        f"executed notebook: {executed_path}\n\n{traceback}"
+    )
+
+
+@pytest.fixture(scope="session")
+def python3_kernel(tmp_path_factory):
+    """Make kernel name ``python3`` resolve to this interpreter, then verify it.
+
+    Jupyter searches the user's data directory before the environment's, so a
+    stray ``~/.local/share/jupyter/kernels/python3`` could start another
+    Python. A kernelspec on JUPYTER_PATH (searched first) pins it to ours.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    kernels = tmp_path_factory.mktemp("jupyter") / "kernels" / "python3"
+    kernels.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (mocolab tests)",
+        "language": "python",
+    }
+    (kernels / "kernel.json").write_text(json.dumps(spec))
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(kernels.parents[1]), old]))
+    try:
+        resolved = KernelSpecManager().get_kernel_spec("python3").argv[0]
+        assert Path(resolved).resolve() == Path(sys.executable).resolve(), (
+            f"kernel python3 resolves to {resolved}, not the test interpreter {sys.executable}"
+        )
+        yield "python3"
+    finally:
+        if old is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = old
+
+
+def execute(notebook: Path, output_dir: Path, parameters: dict, kernel_name: str, timeout_s: int):
+    """Run ``notebook`` through papermill; returns the executed notebook's path.
+
+    Raises:
+        pytest.fail.Exception: with the failing cell and traceback if a cell raises.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    executed = output_dir / f"{notebook.stem}.executed.ipynb"
+    failure = None
+    try:
+        papermill.execute_notebook(
+            str(notebook),
+            str(executed),
+            parameters={**parameters, "OUTPUT_DIR": str(output_dir)},
+            kernel_name=kernel_name,
+            cwd=str(notebook.parent),
+            progress_bar=False,
+            log_output=False,
+            start_timeout=120,
+            execution_timeout=timeout_s,
+        )
+    except PapermillExecutionError as exc:
+        failure = describe_failure(exc, executed)
+    if failure is not None:  # outside the except block: no chained traceback
+        pytest.fail(failure, pytrace=False)
+    return executed
+
+
+def _timeout(stem: str) -> int:
+    return TIMEOUT_S.get(stem, DEFAULT_TIMEOUT_S)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "notebook",
+    [pytest.param(nb, id=nb.stem, marks=pytest.mark.timeout(_timeout(nb.stem) + 60)) for nb in NOTEBOOKS],
+)
+def test_notebook_runs_and_reports(notebook: Path, tmp_path: Path, monkeypatch, python3_kernel):
+    for key, value in KERNEL_ENV.items():
+        monkeypatch.setenv(key, value)
+    # The kernel imports the library from this checkout even without an install.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    output_dir = tmp_path / notebook.stem
+    output_dir.mkdir()
+
+    execute(notebook, output_dir, CI_PARAMETERS.get(notebook.stem, {}), python3_kernel, _timeout(notebook.stem))
+
+    metrics_path = output_dir / "metrics.json"
+    assert metrics_path.exists(), f"{notebook.stem} did not write OUTPUT_DIR/metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    assert isinstance(metrics, dict) and metrics, f"{notebook.stem}: metrics.json is empty or not an object"
+    check = CHECKS.get(notebook.stem)
+    if check is not None:
+        check(metrics, output_dir)
+
+
+def test_ci_tables_name_existing_notebooks():
+    """A typo in a CI_PARAMETERS / CHECKS / TIMEOUT_S key would silently skip the checks."""
+    if NOTEBOOK_DIR != (REPO / "notebooks").resolve():
+        pytest.skip("MOCOLAB_NOTEBOOK_DIR points elsewhere")
+    stems = {nb.stem for nb in NOTEBOOKS}
+    for table_name, table in [("CI_PARAMETERS", CI_PARAMETERS), ("CHECKS", CHECKS), ("TIMEOUT_S", TIMEOUT_S)]:
+        unknown = sorted(set(table) - stems)
+        assert not unknown, f"{table_name} has entries for notebooks that do not exist: {unknown}"
+
+
+def test_ci_parameters_exist_in_parameters_cell():
+    """Injected names must be declared in the notebook's `parameters` cell (else they are silently unused)."""
+    import nbformat
+
+    for nb_path in NOTEBOOKS:
+        overrides = CI_PARAMETERS.get(nb_path.stem, {})
+        nb = nbformat.read(nb_path, as_version=4)
+        cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(cells) == 1, f"{nb_path.name}: needs exactly one cell tagged `parameters`, found {len(cells)}"
+        declared = set(re.findall(r"^([A-Z][A-Z0-9_]*)\s*(?::[^=]*)?=", cells[0].source, flags=re.M))
+        assert "OUTPUT_DIR" in declared, f"{nb_path.name}: the parameters cell must define OUTPUT_DIR"
+        undeclared = sorted(set(overrides) - declared)
+        assert not undeclared, f"{nb_path.name}: CI_PARAMETERS sets {undeclared}, not in its parameters cell"
