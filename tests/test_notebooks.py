@@ -64,11 +64,11 @@ TIMEOUT_S: dict[str, int] = {}
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
-# Quiet, headless, reproducible kernels: no progress bars, no GUI backend.
+# Quiet kernels: no progress bars (mocolab.progress and plain tqdm).
 KERNEL_ENV = {
     "CI": os.environ.get("CI", "true"),
+    "MOCOLAB_QUIET": "1",
     "TQDM_DISABLE": "1",
-    "MPLBACKEND": "Agg",
     "PYDEVD_DISABLE_FILE_VALIDATION": "1",
 }
 
