@@ -1,0 +1,179 @@
+"""Contrastive losses, from one pair at a time to a softmax over many negatives.
+
+Letters: N batch size, C feature dim, K number of negatives, M memory-bank size.
+
+- :func:`margin_contrastive_loss` — Hadsell, Chopra & LeCun (2006), one pair at a time.
+- :func:`npair_loss` — Sohn (2016), one positive against N - 1 negatives.
+- :func:`infonce_logits` / :func:`infonce_loss` — van den Oord et al. (2018), the
+  softmax over 1 + K candidates with the positive at index 0, as MoCo computes it.
+- :class:`NCECriterion` / :func:`nce_loss` — noise-contrastive estimation for a
+  memory bank (Wu et al. 2018), with the normalising constant Z estimated once
+  from the first batch, as in the paper.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["check_temperature", "margin_contrastive_loss", "npair_loss", "infonce_logits", "infonce_loss",
+           "nce_loss", "NCECriterion"]
+
+
+def check_temperature(T: float, name: str = "T") -> float:
+    """Return ``T`` as a float, or raise ``ValueError`` unless it is a finite number > 0."""
+    try:
+        T = float(T)
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature {name} must be a number > 0, got {T!r}") from None
+    if not (T > 0 and math.isfinite(T)):
+        raise ValueError(f"temperature {name} must be a finite number > 0, got {T}")
+    return T
+
+
+def margin_contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Margin contrastive loss of Hadsell, Chopra & LeCun (2006).
+
+    ``L = (1 - Y) · ½ D² + Y · ½ · max(0, margin - D)²`` with ``D = ‖x1 - x2‖₂``,
+    averaged over pairs. ``Y = 1`` marks a *dissimilar* pair (the paper's convention).
+
+    Shape:
+        x1, x2: (N, C); y: (N,) with values in {0, 1}. Returns a scalar.
+
+    Raises:
+        ValueError: ``margin`` ≤ 0, or mismatched shapes.
+    """
+    if not margin > 0:
+        raise ValueError(f"margin must be > 0, got {margin}")
+    if x1.shape != x2.shape or x1.dim() != 2 or y.shape != x1.shape[:1]:
+        raise ValueError(f"expected x1, x2 of shape (N, C) and y of shape (N,), got {tuple(x1.shape)}, "
+                         f"{tuple(x2.shape)}, {tuple(y.shape)}")
+    y = y.to(x1.dtype)
+    d = (x1 - x2).pow(2).sum(dim=1).clamp_min(1e-12).sqrt()  # (N,)
+    similar = (1 - y) * 0.5 * d.pow(2)
+    dissimilar = y * 0.5 * (margin - d).clamp_min(0).pow(2)
+    return (similar + dissimilar).mean()
+
+
+def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-class N-pair loss of Sohn (2016).
+
+    ``log(1 + Σⱼ exp(fᵀfⱼ⁻ - fᵀf⁺))`` averaged over anchors: a softmax cross-entropy
+    over one positive and the negatives, with dot products as logits (no temperature).
+    Without ``negatives``, the other anchors' positives in the batch are the
+    negatives (the efficient batch construction of the paper).
+
+    Shape:
+        anchor, positive: (N, C); negatives: optional (N, K, C). Returns a scalar.
+    """
+    if anchor.shape != positive.shape or anchor.dim() != 2:
+        raise ValueError(f"anchor and positive must both be (N, C), got {tuple(anchor.shape)} and {tuple(positive.shape)}")
+    if negatives is None:
+        logits = anchor @ positive.t()  # (N, N), positive on the diagonal
+        labels = torch.arange(anchor.shape[0], device=anchor.device)
+        return F.cross_entropy(logits, labels)
+    if negatives.dim() != 3 or negatives.shape[0] != anchor.shape[0] or negatives.shape[2] != anchor.shape[1]:
+        raise ValueError(f"negatives must be (N, K, C) = ({anchor.shape[0]}, K, {anchor.shape[1]}), got {tuple(negatives.shape)}")
+    l_pos = (anchor * positive).sum(dim=1, keepdim=True)  # (N, 1)
+    l_neg = torch.einsum("nc,nkc->nk", anchor, negatives)  # (N, K)
+    logits = torch.cat([l_pos, l_neg], dim=1)  # (N, 1+K)
+    return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long))
+
+
+def infonce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T: float = 0.07):
+    """InfoNCE logits as MoCo computes them: the positive at index 0, then K negatives, divided by T.
+
+    The labels are all zeros because the positive key always sits in column 0.
+
+    Args:
+        q: queries, (N, C), usually L2-normalised.
+        k: positive keys, (N, C).
+        negatives: (C, K) shared by the whole batch (a queue), or (N, K, C) per query (a memory bank).
+        T: temperature > 0.
+
+    Returns:
+        ``(logits, labels)`` with logits (N, 1+K) and labels (N,) of zeros.
+
+    Raises:
+        ValueError: T ≤ 0 or shapes that do not match.
+    """
+    T = check_temperature(T)
+    if q.dim() != 2 or q.shape != k.shape:
+        raise ValueError(f"q and k must both be (N, C), got {tuple(q.shape)} and {tuple(k.shape)}")
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
+    if negatives.dim() == 2:
+        if negatives.shape[0] != q.shape[1]:
+            raise ValueError(f"a shared negatives tensor must be (C, K) with C = {q.shape[1]}, got {tuple(negatives.shape)}")
+        l_neg = torch.einsum("nc,ck->nk", q, negatives)  # (N, K)
+    elif negatives.dim() == 3:
+        if negatives.shape[0] != q.shape[0] or negatives.shape[2] != q.shape[1]:
+            raise ValueError(f"per-query negatives must be (N, K, C) = ({q.shape[0]}, K, {q.shape[1]}), got {tuple(negatives.shape)}")
+        l_neg = torch.einsum("nc,nkc->nk", q, negatives)  # (N, K)
+    else:
+        raise ValueError(f"negatives must be (C, K) or (N, K, C), got {negatives.dim()} dimensions")
+    logits = torch.cat([l_pos, l_neg], dim=1) / T  # (N, 1+K)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return logits, labels
+
+
+def infonce_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T: float = 0.07) -> torch.Tensor:
+    """``-log softmax(logits)[0]`` averaged over the batch; see :func:`infonce_logits`.
+
+    With uninformative features (all candidates equally similar) the loss is exactly ln(K + 1),
+    and ``ln(K + 1) - L`` is the InfoNCE lower bound on the mutual information I(q; k).
+    """
+    logits, labels = infonce_logits(q, k, negatives, T)
+    return F.cross_entropy(logits, labels)
+
+
+def nce_loss(logits: torch.Tensor, num_samples: int, Z: float | torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """NCE loss of Wu et al. (2018) for instance discrimination with a memory bank.
+
+    The model's probability of the true instance is ``P(i|v) = exp(logit) / Z``; noise is
+    uniform, ``Pn = 1 / M``; with K noise samples per positive the posterior that a pair
+    comes from the data is ``h = P / (P + K·Pn)``, and
+    ``L = -log h(pos) - Σ_noise log(1 - h(neg))`` (summed over noise, averaged over the batch).
+
+    Shape:
+        logits: (N, 1+K), already divided by the temperature, positive at index 0.
+
+    Raises:
+        ValueError: ``num_samples`` < 1 or a non-positive ``Z``.
+    """
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples (the memory-bank size M) must be >= 1, got {num_samples}")
+    Z = torch.as_tensor(Z, dtype=logits.dtype, device=logits.device)
+    if not bool(Z > 0):
+        raise ValueError(f"the normalising constant Z must be > 0, got {float(Z)}")
+    K = logits.shape[1] - 1
+    P = torch.exp(logits) / Z  # (N, 1+K)
+    noise = K / num_samples  # K · Pn
+    log_h_pos = torch.log(P[:, 0] / (P[:, 0] + noise + eps))  # (N,)
+    log_1_minus_h_neg = torch.log(noise / (P[:, 1:] + noise + eps))  # (N, K)
+    return -(log_h_pos + log_1_minus_h_neg.sum(dim=1)).mean()
+
+
+class NCECriterion(nn.Module):
+    """NCE loss with Z estimated once, from the first batch, as in Wu et al. (2018).
+
+    ``Z ≈ M · mean(exp(logits))`` over the first batch's candidates, then kept fixed
+    (a buffer, so it is saved in checkpoints).
+
+    Args:
+        num_samples: the memory-bank size M (number of training instances).
+    """
+
+    def __init__(self, num_samples: int):
+        super().__init__()
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples (the memory-bank size M) must be >= 1, got {num_samples}")
+        self.num_samples = int(num_samples)
+        self.register_buffer("Z", torch.tensor(-1.0))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.Z.item() < 0:
+            with torch.no_grad():
+                self.Z.fill_(float(torch.exp(logits.detach().float()).mean() * self.num_samples))
+        return nce_loss(logits, self.num_samples, self.Z)

@@ -1,0 +1,45 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mocolab.encoders import ConvNet
+from mocolab.evaluate import extract_features, knn_accuracy, knn_predict, linear_probe
+
+
+def test_knn_predict_matches_loop():
+    torch.manual_seed(0)
+    bank, labels = F.normalize(torch.randn(30, 5), dim=1), torch.randint(0, 3, (30,))
+    queries = F.normalize(torch.randn(4, 5), dim=1)
+    pred = knn_predict(queries, bank.t(), labels, 3, k=7, t=0.1)
+    for i, q in enumerate(queries):
+        sims = bank @ q
+        top = sims.topk(7).indices
+        scores = [sum(float(torch.exp(sims[j] / 0.1)) for j in top if labels[j] == c) for c in range(3)]
+        assert pred[i, 0].item() == max(range(3), key=lambda c: scores[c])
+
+
+def test_knn_accuracy_separable_and_bad_t():
+    centers = F.normalize(torch.randn(4, 16), dim=1) * 5
+    ytr, yte = torch.arange(4).repeat(25), torch.arange(4).repeat(5)
+    xtr, xte = centers[ytr] + 0.1 * torch.randn(100, 16), centers[yte] + 0.1 * torch.randn(20, 16)
+    assert knn_accuracy(xtr, ytr, xte, yte, k=10) == 100.0
+    with pytest.raises(ValueError, match="temperature t"):
+        knn_accuracy(xtr, ytr, xte, yte, t=0)
+
+
+def test_extract_features_uint8_and_eval_mode():
+    net = ConvNet(num_classes=8, width=4)
+    imgs = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    f = extract_features(net, imgs, batch_size=4)
+    assert f.shape == (10, 8) and net.training
+    torch.testing.assert_close(f.norm(dim=1), torch.ones(10))
+
+
+def test_linear_probe_learns_separable():
+    centers = torch.randn(3, 8) * 3
+    ytr, yte = torch.arange(3).repeat(30), torch.arange(3).repeat(10)
+    out = linear_probe(centers[ytr] + torch.randn(90, 8) * 0.3, ytr, centers[yte] + torch.randn(30, 8) * 0.3, yte,
+                       epochs=20, lr=0.1)
+    assert out["test_acc"] > 95
+    with pytest.raises(ValueError, match="optimizer"):
+        linear_probe(centers, torch.arange(3), centers, torch.arange(3), optimizer="lbfgs")

@@ -1,0 +1,162 @@
+"""MoCo against the official builder's computation, written out with plain tensor ops."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mocolab.encoders import ConvNet
+from mocolab.moco import EndToEnd, MemoryBankModel, MoCo
+
+
+def small_encoder(num_classes=16):
+    return ConvNet(num_classes=num_classes, width=4)
+
+
+class OfficialReference:
+    """facebookresearch/moco builder.py on one process, as plain tensor ops (no shuffle)."""
+
+    def __init__(self, model):
+        self.q = copy.deepcopy(model.encoder_q)
+        self.k = copy.deepcopy(model.encoder_k)
+        self.queue = model.queue.clone()
+        self.ptr = 0
+        self.m, self.T, self.K = model.m, model.T, model.K
+
+    def step(self, im_q, im_k):
+        q = F.normalize(self.q(im_q), dim=1)
+        with torch.no_grad():
+            for pk, pq in zip(self.k.parameters(), self.q.parameters()):
+                pk.data = pk.data * self.m + pq.data * (1.0 - self.m)
+            k = F.normalize(self.k(im_k), dim=1)
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        bs = k.shape[0]
+        assert self.K % bs == 0
+        self.queue[:, self.ptr:self.ptr + bs] = k.T
+        self.ptr = (self.ptr + bs) % self.K
+        return logits
+
+
+def test_forward_matches_official_over_several_steps():
+    # float64, so that rounding differences of 1e-7 are not amplified by a few SGD steps
+    torch.manual_seed(0)
+    model = MoCo(small_encoder, dim=16, K=24, m=0.9, T=0.2, shuffle_bn="off").double()
+    ref = OfficialReference(model)
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.q.parameters(), lr=0.1)
+    for step in range(5):
+        im_q, im_k = torch.randn(8, 3, 16, 16).double(), torch.randn(8, 3, 16, 16).double()
+        logits, labels = model(im_q, im_k)
+        ref_logits = ref.step(im_q, im_k)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9)
+        assert logits.shape == (8, 25) and labels.tolist() == [0] * 8
+        torch.testing.assert_close(model.queue, ref.queue, rtol=1e-9, atol=1e-9)
+        assert int(model.queue_ptr) == ref.ptr
+        for a, b in zip(model.encoder_k.parameters(), ref.k.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        loss, ref_loss = model.criterion(logits, labels), F.cross_entropy(ref_logits, labels)
+        opt.zero_grad(), ref_opt.zero_grad()
+        loss.backward(), ref_loss.backward()
+        opt.step(), ref_opt.step()
+
+
+def test_official_names_and_state_dict_keys():
+    model = MoCo(small_encoder, dim=16, K=32)
+    keys = model.state_dict().keys()
+    assert {"queue", "queue_ptr"} <= set(keys)
+    assert any(k.startswith("encoder_q.") for k in keys) and any(k.startswith("encoder_k.") for k in keys)
+    assert model.queue.shape == (16, 32)
+    torch.testing.assert_close(model.queue.norm(dim=0), torch.ones(32))
+
+
+def test_no_gradient_reaches_key_branch():
+    model = MoCo(small_encoder, dim=16, K=32, m=0.99)
+    logits, labels = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    model.criterion(logits, labels).backward()
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    assert all(not p.requires_grad for p in model.encoder_k.parameters())
+    assert all(p.grad is not None for p in model.encoder_q.parameters())
+    assert not model.queue.requires_grad
+
+
+def test_initial_loss_is_about_ln_k_plus_1():
+    torch.manual_seed(0)
+    model = MoCo(small_encoder, dim=128, K=1024, m=0.99, T=0.07)
+    x = torch.randn(64, 3, 16, 16)
+    logits, labels = model(x, x)
+    # q and k identical at init: the positive stands out, so just bound it
+    assert model.criterion(logits, labels).item() < math.log(1025)
+    model2 = MoCo(small_encoder, dim=128, K=1024, T=100.0)  # at huge T every candidate looks alike
+    logits, labels = model2(torch.randn(64, 3, 16, 16), torch.randn(64, 3, 16, 16))
+    assert model2.criterion(logits, labels).item() == pytest.approx(math.log(1025), abs=1e-2)
+
+
+def test_any_K_wraps_around_and_empty_queue():
+    model = MoCo(small_encoder, dim=16, K=10, queue_init="empty", shuffle_bn="off")
+    logits, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    assert logits.shape == (4, 1)  # no real keys yet: only the positive
+    for _ in range(3):
+        logits, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    assert logits.shape == (4, 11) and int(model.queue_ptr) == 16 % 10
+
+
+def test_split_bn_mode_and_symmetric():
+    torch.manual_seed(0)
+    model = MoCo(small_encoder, dim=16, K=32, shuffle_bn="split", bn_splits=4, symmetric=True)
+    from mocolab.shuffle_bn import SplitBatchNorm
+    assert any(isinstance(m, SplitBatchNorm) for m in model.encoder_k.modules())
+    im_q, im_k = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    logits, labels = model(im_q, im_k, index=torch.arange(8))
+    assert logits.shape == (16, 33) and int(model.queue_ptr) == 16
+    loss = model.criterion(logits, labels)
+    assert loss.item() == pytest.approx(2 * F.cross_entropy(logits, labels).item())
+
+
+def test_split_shuffle_does_not_change_keys_in_eval_like_bn():
+    # with one split, shuffling inside the batch must give the same keys as no shuffling
+    torch.manual_seed(0)
+    a = MoCo(small_encoder, dim=16, K=32, shuffle_bn="split", bn_splits=1)
+    b = MoCo(small_encoder, dim=16, K=32, shuffle_bn="off")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 3, 16, 16)
+    torch.testing.assert_close(a._keys(x), b._keys(x), rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_head_and_momentum_schedule():
+    model = MoCo(small_encoder, dim=16, K=32, mlp=True, m=0.99, momentum_schedule="cosine")
+    assert isinstance(model.encoder_q.fc, torch.nn.Sequential)
+    assert model.set_progress(100, 100) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(T=0), "temperature"), (dict(m=1.2), r"\[0, 1\]"), (dict(K=0), "K"),
+    (dict(shuffle_bn="sync"), "shuffle_bn"), (dict(queue_init="zeros"), "init"),
+    (dict(momentum_schedule="linear"), "momentum_schedule"), (dict(dim=0), "dim"),
+])
+def test_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MoCo(small_encoder, **kw)
+
+
+def test_end_to_end_baseline():
+    model = EndToEnd(small_encoder, dim=16, T=0.1)
+    logits, labels = model(torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16))
+    assert logits.shape == (6, 6) and labels.tolist() == list(range(6))
+    model.criterion(logits, labels).backward()
+    assert model.encoder_q.fc.weight.grad is not None
+
+
+@pytest.mark.parametrize("loss", ["softmax", "nce"])
+def test_memory_bank_baseline(loss):
+    model = MemoryBankModel(small_encoder, num_samples=50, dim=16, K=20, T=0.1, loss=loss)
+    index = torch.arange(6)
+    before = model.bank.memory[index].clone()
+    logits, labels = model(torch.randn(6, 3, 16, 16), None, index=index)
+    assert logits.shape == (6, 21)
+    assert not torch.equal(model.bank.memory[index], before)
+    assert torch.isfinite(model.criterion(logits, labels))
+    with pytest.raises(ValueError, match="index"):
+        model(torch.randn(2, 3, 16, 16))
