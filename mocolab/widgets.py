@@ -283,6 +283,7 @@ def plot_temperature_softmax(result: Dict[str, Any], ax=None):
     ax.bar(np.arange(len(p)), p, color=colors)
     ax.axhline(1.0 / len(p), color="gray", linestyle=":", linewidth=1, label="uniform 1/(K+1)")
     ax.set_ylim(0, 1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("index (0 = positive, 1..K = negatives)")
     ax.set_ylabel("softmax probability")
     ax.set_title(f"T = {result['T']:.3g}: loss {result['loss']:.3f}, entropy {result['entropy']:.3f} nats")
@@ -321,6 +322,7 @@ def plot_queue_staleness(result: Dict[str, Any], ax=None):
         fig = ax.figure
     ages, counts = np.unique(result["ages"], return_counts=True)
     ax.bar(ages, counts, width=0.9 if len(ages) < 60 else 1.0, color="tab:purple")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("key age (steps since it was enqueued)")
     ax.set_ylabel("keys in the queue")
     ax.set_title(f"K = {result['K']}, batch = {result['batch_size']}: oldest key {result['oldest_key_age_steps']} steps")

@@ -304,6 +304,10 @@ def test_temperature_slider_changes_output_in_jupyterlab(tmp_path):
     try:
         server.start()
         timings["server"] = time.monotonic() - t0
+        # the notebook's kernel "python3" is this interpreter (the project's environment)
+        with urllib.request.urlopen(f"{server.base}/api/kernelspecs?token={server.token}", timeout=10) as r:
+            argv = json.load(r)["kernelspecs"]["python3"]["spec"]["argv"]
+        assert argv[0] == sys.executable, f"kernel python3 runs {argv[0]}, not {sys.executable}"
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
             try:

@@ -207,11 +207,16 @@ def test_queue_explorer_updates_output():
         W.queue_explorer(K=3)
 
 
-def test_plot_helpers_do_not_touch_pyplot():
+def test_plot_helpers_do_not_touch_pyplot_or_rcparams():
+    import matplotlib
     import matplotlib.pyplot as plt
 
     before = plt.get_fignums()
+    rc = dict(matplotlib.rcParams)
     W.plot_temperature_softmax(W.temperature_softmax([0.5, 0.1, 0.0], 0.1))
     W.plot_ema_track(W.ema_track(0.9, 20))
     W.plot_queue_staleness(W.queue_staleness(100, 32))
+    pytest.importorskip("ipywidgets")
+    W.temperature_explorer().controls["T"].value = 0.5
     assert plt.get_fignums() == before
+    assert dict(matplotlib.rcParams) == rc
