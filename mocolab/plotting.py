@@ -336,7 +336,9 @@ def plot_similarity_histograms(
 _X_KEYS = ("epoch", "step", "epochs", "steps")
 
 
-def plot_curves(history: Mapping[str, Sequence], keys: Optional[Sequence[str]] = None, axes=None):
+def plot_curves(
+    history: Mapping[str, Sequence], keys: Optional[Sequence[str]] = None, axes=None, *, ncols: int = 4
+):
     """Training curves, one panel per metric.
 
     Args:
@@ -345,10 +347,11 @@ def plot_curves(history: Mapping[str, Sequence], keys: Optional[Sequence[str]] =
             ``"step"``) when present and as long as the metric, else
             ``history[key + "_epoch"]`` / ``key + "_step"`` when present
             (metrics evaluated only every few epochs), else 1, 2, 3, ...
-            None entries are skipped.
+            None / NaN entries are skipped (the line joins the points around).
         keys: metrics to plot; default: every numeric list except the x keys.
-        axes: a sequence of at least ``len(keys)`` axes; a new figure (one
-            row) when None.
+        axes: a sequence of at least ``len(keys)`` axes; a new figure when
+            None.
+        ncols: panels per row of a new figure.
 
     Returns:
         The matplotlib figure.
@@ -375,8 +378,12 @@ def plot_curves(history: Mapping[str, Sequence], keys: Optional[Sequence[str]] =
         raise ValueError(f"nothing to plot: history has no numeric lists besides {_X_KEYS}")
     n = len(keys)
     if axes is None:
-        fig, axes = _new_figure(1, n, figsize=(3.6 * n, 3.0), squeeze=False)
+        cols = max(1, min(n, ncols))
+        rows = math.ceil(n / cols)
+        fig, axes = _new_figure(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
         axes = list(axes.ravel())
+        for ax in axes[n:]:
+            ax.remove()
     else:
         axes = _axes_list(axes, n)
         fig = axes[0].figure
@@ -394,7 +401,11 @@ def plot_curves(history: Mapping[str, Sequence], keys: Optional[Sequence[str]] =
                     break
         if x is None:
             x = list(range(1, len(y) + 1))
-        ax.plot(x, y, marker="o" if len(y) <= 30 else None, markersize=3)
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        ok = np.isfinite(y)
+        ax.plot(x[ok], y[ok], marker="o" if ok.sum() <= 30 else None, markersize=3)
+        if np.all(x == np.round(x)):
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(key)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)

@@ -147,6 +147,9 @@ def test_plot_curves_default_keys_and_x(rc_unchanged):
     assert [a.get_title() for a in fig.axes] == ["loss", "knn_acc"]
     np.testing.assert_array_equal(fig.axes[0].lines[0].get_xdata(), [1, 2, 3])
     assert fig.axes[0].get_xlabel() == "epoch"
+    np.testing.assert_array_equal(fig.axes[1].lines[0].get_xdata(), [1, 3])  # None skipped
+    wide = P.plot_curves({f"m{i}": [1.0, 2.0] for i in range(6)}, ncols=4)
+    assert len(wide.axes) == 6  # 2 rows of up to 4, the spare panels removed
 
 
 def test_plot_curves_sparse_metric_and_given_axes():
