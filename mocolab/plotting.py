@@ -344,9 +344,10 @@ def plot_curves(
     Args:
         history: dict of lists, e.g. ``{"epoch": [1, 2], "loss": [...],
             "knn_acc": [...]}``. The x values are ``history["epoch"]`` (or
-            ``"step"``) when present and as long as the metric, else
-            ``history[key + "_epoch"]`` / ``key + "_step"`` when present
-            (metrics evaluated only every few epochs), else 1, 2, 3, ...
+            ``"step"``) when present and as long as the metric, except
+            that a metric's own x list wins: ``history[key + "_epoch"]``,
+            or for ``"knn_acc"`` also ``history["knn_epoch"]`` (metrics
+            evaluated only every few epochs); else 1, 2, 3, ...
             None / NaN entries are skipped (the line joins the points around).
         keys: metrics to plot; default: every numeric list except the x keys.
         axes: a sequence of at least ``len(keys)`` axes; a new figure when
@@ -390,17 +391,17 @@ def plot_curves(
     for key, ax in zip(keys, axes):
         y = [np.nan if v is None else float(v) for v in _to_numpy(history[key], object).ravel()]
         x, xlabel = None, "index"
-        for xk in _X_KEYS[:2]:
-            if xk in history and len(history[xk]) == len(y):
-                x, xlabel = list(history[xk]), xk
+        # own x first ("knn_acc_epoch" or "knn_epoch" for "knn_acc"), then the shared "epoch" / "step"
+        prefix = key.split("_")[0]
+        own = [f"{key}_epoch", f"{key}_step", f"{prefix}_epoch", f"{prefix}_step"]
+        for xk in own + list(_X_KEYS[:2]):
+            if xk in history and xk != key and len(history[xk]) == len(y):
+                x, xlabel = list(history[xk]), xk.rsplit("_", 1)[-1]
                 break
         if x is None:
-            for suffix in ("_epoch", "_step"):
-                if key + suffix in history and len(history[key + suffix]) == len(y):
-                    x, xlabel = list(history[key + suffix]), suffix[1:]
-                    break
-        if x is None:
             x = list(range(1, len(y) + 1))
+            if key.startswith("step_") or key.endswith("_step"):
+                xlabel = "step"
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
         ok = np.isfinite(y)
         ax.plot(x[ok], y[ok], marker="o" if ok.sum() <= 30 else None, markersize=3)

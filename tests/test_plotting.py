@@ -157,6 +157,12 @@ def test_plot_curves_sparse_metric_and_given_axes():
     fig, axes = _given_ax(ncols=2)
     assert P.plot_curves(h, keys=["loss", "knn"], axes=axes[0]) is fig
     np.testing.assert_array_equal(axes[0, 1].lines[0].get_xdata(), [2, 4])
+    # the history written by mocolab.train: kNN evaluated at its own epochs (incl. epoch 0)
+    h = {"epoch": [1, 2], "loss": [2.0, 1.0], "knn_epoch": [0, 2], "knn_acc": [10.0, 30.0], "step_loss": [3, 2, 1]}
+    fig = P.plot_curves(h)
+    assert [a.get_title() for a in fig.axes] == ["loss", "knn_acc", "step_loss"]
+    np.testing.assert_array_equal(fig.axes[1].lines[0].get_xdata(), [0, 2])
+    assert fig.axes[2].get_xlabel() == "step"
     with pytest.raises(ValueError, match="not in history"):
         P.plot_curves(h, keys=["missing"])
     with pytest.raises(ValueError, match="nothing to plot"):
