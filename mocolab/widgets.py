@@ -33,6 +33,7 @@ __all__ = [
     "plot_temperature_softmax",
     "plot_ema_track",
     "plot_queue_staleness",
+    "default_similarities",
 ]
 
 
@@ -393,7 +394,8 @@ def temperature_explorer(similarities=None, T: float = 0.1, *, K: int = 16, seed
     Args:
         similarities: (K+1,) with the positive first; default
             :func:`default_similarities` (K negatives, seeded).
-        T: initial temperature (slider range 0.01 to 10, log scale).
+        T: initial temperature (slider from 0.01 to 10, log scale, widened
+            to include T).
         K, seed: size and seed of the default similarities.
 
     Returns:
@@ -407,8 +409,9 @@ def temperature_explorer(similarities=None, T: float = 0.1, *, K: int = 16, seed
 
     sims = default_similarities(K, seed) if similarities is None else _as_1d(similarities, "similarities")
     temperature_softmax(sims, T)  # validate eagerly
+    lo, hi = min(-2.0, math.floor(math.log10(T))), max(1.0, math.ceil(math.log10(T)))
     slider = w.FloatLogSlider(
-        value=T, base=10, min=-2, max=1, step=0.05, description="T", readout_format=".3f", continuous_update=True
+        value=T, base=10, min=lo, max=hi, step=0.05, description="T", readout_format=".3f", continuous_update=True
     )
 
     def render(T):
@@ -429,7 +432,8 @@ def momentum_explorer(m: float = 0.99, steps: int = 300, *, target: str = "rando
     """Slider over the momentum m of an EMA following a moving target.
 
     Args:
-        m: initial momentum (one of 0, 0.5, 0.9, 0.95, 0.99, 0.995, 0.999, 1).
+        m: initial momentum in [0, 1]; the slider offers 0, 0.5, 0.9, 0.95,
+            0.99, 0.995, 0.999, 1 (and m).
         steps: steps simulated.
         target: "random_walk" or "step" (also a dropdown).
         seed: random-walk seed.
@@ -438,16 +442,15 @@ def momentum_explorer(m: float = 0.99, steps: int = 300, *, target: str = "rando
         an ``ipywidgets.VBox`` with ``.controls["m"]``, ``.controls["target"]``.
 
     Raises:
-        ValueError: m not one of the slider values, or an unknown target.
+        ValueError: m outside [0, 1], or an unknown target.
     """
     import ipywidgets as w
 
-    if m not in MOMENTA:
-        raise ValueError(f"m must be one of {MOMENTA}, got {m!r}")
+    m = _check_momentum(m)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     controls = {
-        "m": w.SelectionSlider(options=list(MOMENTA), value=m, description="m"),
+        "m": w.SelectionSlider(options=sorted({*MOMENTA, m}), value=m, description="m"),
         "target": w.Dropdown(options=list(TARGETS), value=target, description="target"),
     }
 
@@ -467,31 +470,35 @@ QUEUE_SIZES = (256, 1000, 1024, 4096, 16384, 65536)
 BATCH_SIZES = (32, 64, 100, 128, 256, 512)
 
 
-def queue_explorer(K: int = 4096, batch_size: int = 256, steps_per_epoch: Optional[int] = 196, m: float = 0.99):
+def queue_explorer(
+    K: int = 4096, batch_size: int = 256, steps_per_epoch: Optional[int] = 196, m: Optional[float] = 0.99
+):
     """Sliders over queue size K and batch size: how stale are the keys?
 
     Args:
-        K: initial queue size (one of 256, 1000, 1024, 4096, 16384, 65536).
-        batch_size: initial batch size (one of 32, 64, 100, 128, 256, 512).
+        K: initial queue size; the slider offers 256, 1000, 1024, 4096,
+            16384, 65536 (and K).
+        batch_size: initial batch size; the slider offers 32, 64, 100, 128,
+            256, 512 (and batch_size).
         steps_per_epoch: steps in an epoch (CIFAR-10 at batch 256: 196), to
             express ages in epochs; None to leave out.
-        m: key-encoder momentum, for the "encoder moved" figure.
+        m: key-encoder momentum, for the "key encoder moved" figure (None
+            to leave out).
 
     Returns:
         an ``ipywidgets.VBox`` with ``.controls["K"]``, ``.controls["batch_size"]``.
 
     Raises:
-        ValueError: K or batch_size not among the slider values.
+        ValueError: K or batch_size < 1, steps_per_epoch < 1, m outside [0, 1].
     """
     import ipywidgets as w
 
-    if K not in QUEUE_SIZES:
-        raise ValueError(f"K must be one of {QUEUE_SIZES}, got {K!r}")
-    if batch_size not in BATCH_SIZES:
-        raise ValueError(f"batch_size must be one of {BATCH_SIZES}, got {batch_size!r}")
+    queue_staleness(K, batch_size, steps_per_epoch, m)  # validate eagerly
     controls = {
-        "K": w.SelectionSlider(options=list(QUEUE_SIZES), value=K, description="K"),
-        "batch_size": w.SelectionSlider(options=list(BATCH_SIZES), value=batch_size, description="batch"),
+        "K": w.SelectionSlider(options=sorted({*QUEUE_SIZES, int(K)}), value=int(K), description="K"),
+        "batch_size": w.SelectionSlider(
+            options=sorted({*BATCH_SIZES, int(batch_size)}), value=int(batch_size), description="batch"
+        ),
     }
 
     def render(K, batch_size):
@@ -499,8 +506,8 @@ def queue_explorer(K: int = 4096, batch_size: int = 256, steps_per_epoch: Option
         epochs = "" if r["oldest_key_age_epochs"] is None else f" ({r['oldest_key_age_epochs']:.2f} epochs)"
         text = (
             f"K = {K}  batch = {batch_size}  oldest key = {r['oldest_key_age_steps']} steps{epochs}  "
-            f"mean age = {r['mean_key_age_steps']:.1f} steps  "
-            f"key encoder moved since: {100 * r['key_encoder_replaced']:.1f}% (m = {m:g})"
+            f"mean age = {r['mean_key_age_steps']:.1f} steps"
+            + ("" if m is None else f"  key encoder moved since: {100 * r['key_encoder_replaced']:.1f}% (m = {m:g})")
         )
         return text, plot_queue_staleness(r)
 

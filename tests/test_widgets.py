@@ -181,6 +181,8 @@ def test_temperature_explorer_custom_similarities_and_bad_T():
     assert f"loss = {math.log(8):.3f}" in _text(box)
     with pytest.raises(ValueError, match="T must be"):
         W.temperature_explorer(T=0.0)
+    tiny = W.temperature_explorer(T=0.002)  # the slider widens to include T
+    assert tiny.controls["T"].value == pytest.approx(0.002) and _text(tiny).startswith("T = 0.002")
 
 
 def test_momentum_explorer_updates_output():
@@ -192,8 +194,10 @@ def test_momentum_explorer_updates_output():
     assert _text(box).startswith("m = 0.9 ")
     box.controls["target"].value = "step"
     assert _text(box) != first
-    with pytest.raises(ValueError, match="m must be one of"):
-        W.momentum_explorer(m=0.42)
+    other = W.momentum_explorer(m=0.42, steps=50)  # a value not offered is added to the slider
+    assert 0.42 in other.controls["m"].options and _text(other).startswith("m = 0.42 ")
+    with pytest.raises(ValueError, match=r"m must be in \[0, 1\]"):
+        W.momentum_explorer(m=1.5)
 
 
 def test_queue_explorer_updates_output():
@@ -203,8 +207,11 @@ def test_queue_explorer_updates_output():
     box.controls["K"].value = 1000
     box.controls["batch_size"].value = 128
     assert "oldest key = 8 steps" in _text(box)
-    with pytest.raises(ValueError, match="K must be one of"):
-        W.queue_explorer(K=3)
+    odd = W.queue_explorer(K=3000, batch_size=96, steps_per_epoch=None, m=None)
+    assert _text(odd).startswith("K = 3000  batch = 96  oldest key = 32 steps  mean age")
+    assert "epochs" not in _text(odd) and "moved" not in _text(odd)
+    with pytest.raises(ValueError, match="K must be an integer >= 1"):
+        W.queue_explorer(K=0)
 
 
 def test_plot_helpers_do_not_touch_pyplot_or_rcparams():
