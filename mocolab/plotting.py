@@ -414,8 +414,13 @@ def plot_curves(
 
 
 # --------------------------------------------------------------------------- images
-def _images_hwc(images) -> np.ndarray:
-    """(N, 3|1, H, W) uint8 or float in [0, 1] -> (N, H, W, 3) float in [0, 1]."""
+def _images_hwc(images, mean=None, std=None) -> np.ndarray:
+    """(N, 3|1, H, W) images -> (N, H, W, 3) float in [0, 1] for imshow.
+
+    uint8 is divided by 255. Floats are un-normalised with ``mean`` / ``std``
+    when given (per channel, as in ``mocolab.data.normalize``); floats
+    still outside [0, 1] are min-max rescaled image by image.
+    """
     x = _to_numpy(images)
     if x.ndim == 3:
         x = x[None]
@@ -424,7 +429,16 @@ def _images_hwc(images) -> np.ndarray:
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     else:
-        x = np.clip(x.astype(np.float32), 0.0, 1.0)
+        x = x.astype(np.float32)
+        if std is not None:
+            x = x * np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+        if mean is not None:
+            x = x + np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        if x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+            lo = x.min(axis=(1, 2, 3), keepdims=True)
+            hi = x.max(axis=(1, 2, 3), keepdims=True)
+            x = (x - lo) / np.maximum(hi - lo, 1e-12)
+        x = np.clip(x, 0.0, 1.0)
     if x.shape[1] == 1:
         x = np.repeat(x, 3, axis=1)
     return x.transpose(0, 2, 3, 1)
@@ -438,17 +452,22 @@ def plot_image_grid(
     *,
     pad: int = 2,
     title: Optional[str] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
 ):
     """A grid of images drawn as one mosaic on one axes.
 
     Args:
-        images: (N, 3, H, W) uint8 tensor (or float in [0, 1]; 1 channel is
-            shown grey).
+        images: (N, 3, H, W) uint8 tensor, or floats: in [0, 1], or
+            normalised (pass ``mean`` / ``std`` to undo it; otherwise each
+            image is min-max rescaled). 1 channel is shown grey.
         titles: optional N short captions, drawn above each tile.
         nrow: images per row (like ``torchvision.utils.make_grid``).
         ax: axes to draw on; a new figure when None.
         pad: white pixels between tiles.
         title: axes title.
+        mean, std: per-channel normalisation to undo (e.g.
+            ``mocolab.data.CIFAR10_MEAN`` / ``CIFAR10_STD`` for augmented views).
 
     Returns:
         The matplotlib figure.
@@ -461,7 +480,7 @@ def plot_image_grid(
     """
     if nrow < 1:
         raise ValueError(f"nrow must be >= 1, got {nrow}")
-    x = _images_hwc(images)  # (N, H, W, 3)
+    x = _images_hwc(images, mean, std)  # (N, H, W, 3)
     n, h, w, _ = x.shape
     if titles is not None and len(titles) != n:
         raise ValueError(f"titles must have one entry per image ({n}), got {len(titles)}")
@@ -581,6 +600,8 @@ def plot_neighbours(
     hardest_titles: Optional[Sequence[str]] = None,
     query_title: str = "query",
     axes=None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
 ):
     """Gallery: a query, its nearest keys and its hardest negatives.
 
@@ -594,6 +615,7 @@ def plot_neighbours(
         hardest_neg_imgs: (j, 3, H, W) hardest negatives; hardest_neg_sims: (j,).
         neighbour_titles, hardest_titles: optional captions (class names).
         query_title: caption of the query.
+        mean, std: normalisation to undo for float images (see :func:`plot_image_grid`).
         axes: a (2, 1 + max(k, j)) array of axes; a new figure when None.
 
     Returns:
@@ -602,9 +624,9 @@ def plot_neighbours(
     Raises:
         ValueError: numbers of images and similarities differ, or too few axes.
     """
-    q = _images_hwc(query_img)[0]
-    nb = _images_hwc(neighbour_imgs) if len(neighbour_imgs) else np.zeros((0, 1, 1, 3))
-    hn = _images_hwc(hardest_neg_imgs) if len(hardest_neg_imgs) else np.zeros((0, 1, 1, 3))
+    q = _images_hwc(query_img, mean, std)[0]
+    nb = _images_hwc(neighbour_imgs, mean, std) if len(neighbour_imgs) else np.zeros((0, 1, 1, 3))
+    hn = _images_hwc(hardest_neg_imgs, mean, std) if len(hardest_neg_imgs) else np.zeros((0, 1, 1, 3))
     nb_s = _to_numpy(neighbour_sims, np.float64).ravel()
     hn_s = _to_numpy(hardest_neg_sims, np.float64).ravel()
     if len(nb) != len(nb_s) or len(hn) != len(hn_s):

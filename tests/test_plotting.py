@@ -183,6 +183,15 @@ def test_plot_image_grid(rc_unchanged):
     assert P.plot_image_grid(imgs.float() / 255, ax=axes[0, 0]) is given
     with pytest.raises(ValueError, match="one entry per image"):
         P.plot_image_grid(imgs, titles=["a"])
+    # normalised floats: mean / std undo the normalisation exactly
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    fig = P.plot_image_grid((imgs.float() / 255 - m) / sd, nrow=4, mean=mean, std=std, pad=0)
+    tile = fig.axes[0].images[0].get_array()[:8, :8]
+    np.testing.assert_allclose(tile, imgs[0].permute(1, 2, 0).numpy() / 255.0, atol=1e-5)
+    fig = P.plot_image_grid((imgs.float() / 255 - m) / sd, nrow=4, pad=0)  # no stats: rescaled into [0, 1]
+    arr = fig.axes[0].images[0].get_array()
+    assert arr.min() >= 0 and arr.max() <= 1
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         P.plot_image_grid(torch.zeros(2, 5, 4, 4))
 
