@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch

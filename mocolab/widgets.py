@@ -326,7 +326,9 @@ def plot_queue_staleness(result: Dict[str, Any], ax=None):
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("key age (steps since it was enqueued)")
     ax.set_ylabel("keys in the queue")
-    ax.set_title(f"K = {result['K']}, batch = {result['batch_size']}: oldest key {result['oldest_key_age_steps']} steps")
+    ax.set_title(
+        f"K = {result['K']}, batch = {result['batch_size']}: oldest key {result['oldest_key_age_steps']} steps"
+    )
     return fig
 
 
