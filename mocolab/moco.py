@@ -56,6 +56,9 @@ class MoCo(KeyQueue):
             ``bn_splits`` groups and keys shuffled within the batch, the CIFAR-10 demo's way)
             or ``"ddp"`` (keys shuffled across ranks).
         bn_splits: groups for ``shuffle_bn="split"``.
+        shuffle_keys: with ``shuffle_bn="split"`` or ``"ddp"``, shuffle the keys across BN groups
+            (default True, the official behaviour). False keeps each key in the same BN group as its
+            query: the ablation that lets BatchNorm statistics leak the positive.
         symmetric: symmetric loss (the CIFAR-10 demo): both views act as query and as key;
             ``forward`` returns 2N rows and :meth:`criterion` returns ``loss_12 + loss_21``.
         queue_init: ``"random"`` (random unit keys, official) or ``"empty"`` (only real keys act as negatives).
@@ -70,7 +73,7 @@ class MoCo(KeyQueue):
     def __init__(self, base_encoder: Callable[..., nn.Module], dim: int = 128, K: int = 65536, m: float = 0.999,
                  T: float = 0.07, mlp: bool = False, *, shuffle_bn: str = "auto", bn_splits: int = 8,
                  symmetric: bool = False, queue_init: str = "random", momentum_schedule: str = "constant",
-                 momentum_buffers: bool = False):
+                 momentum_buffers: bool = False, shuffle_keys: bool = True):
         super().__init__(dim, K, init=queue_init)
         self.m = self.base_m = check_momentum(m)
         self.T = check_temperature(T)
@@ -81,6 +84,7 @@ class MoCo(KeyQueue):
         if shuffle_bn == "split" and int(bn_splits) < 1:
             raise ValueError(f"bn_splits must be a positive integer, got {bn_splits}")
         self.shuffle_bn, self.bn_splits = shuffle_bn, int(bn_splits)
+        self.shuffle_keys = bool(shuffle_keys)
         self.symmetric, self.momentum_schedule = bool(symmetric), momentum_schedule
 
         self.encoder_q = base_encoder(num_classes=dim)
@@ -120,7 +124,7 @@ class MoCo(KeyQueue):
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
         """Keys of a batch through the key encoder, with shuffle-BN as configured. (N, C), unit norm."""
         mode = self._shuffle_mode()
-        if mode == "off":
+        if mode == "off" or not self.shuffle_keys:
             return F.normalize(self.encoder_k(im_k), dim=1)
         if mode == "split":  # shuffle within the batch (one device)
             idx_shuffle = torch.randperm(im_k.shape[0], device=im_k.device)

@@ -125,6 +125,21 @@ def test_split_shuffle_does_not_change_keys_in_eval_like_bn():
     torch.testing.assert_close(a._keys(x), b._keys(x), rtol=1e-5, atol=1e-6)
 
 
+def test_split_bn_without_key_shuffle_keeps_groups_aligned():
+    # shuffle_keys=False: keys of sample i are normalised within the same BN group as query i
+    torch.manual_seed(0)
+    a = MoCo(small_encoder, dim=16, K=32, shuffle_bn="split", bn_splits=4, shuffle_keys=False)
+    assert a.shuffle_keys is False and MoCo(small_encoder, dim=16, K=32, shuffle_bn="split").shuffle_keys
+    x = torch.randn(8, 3, 16, 16)
+    expected = F.normalize(a.encoder_k(x), dim=1)  # no permutation: group g holds samples 2g, 2g+1
+    torch.manual_seed(1)
+    torch.testing.assert_close(a._keys(x), expected)
+    # with the shuffle (the default) the same input gives different keys: the BN groups changed
+    b = MoCo(small_encoder, dim=16, K=32, shuffle_bn="split", bn_splits=4)
+    b.load_state_dict(a.state_dict())
+    assert not torch.allclose(b._keys(x), expected, atol=1e-4)
+
+
 def test_mlp_head_and_momentum_schedule():
     model = MoCo(small_encoder, dim=16, K=32, mlp=True, m=0.99, momentum_schedule="cosine")
     assert isinstance(model.encoder_q.fc, torch.nn.Sequential)
