@@ -14,7 +14,7 @@ from .evaluate import evaluate_knn, extract_features, knn_accuracy, knn_predict,
 from .losses import (NCECriterion, infonce_logits, infonce_loss, margin_contrastive_loss, nce_loss,
                      npair_loss)
 from .memory_bank import MemoryBank
-from .metrics import alignment, collapse_std, key_consistency, similarity_stats, uniformity
+from .metrics import KeyConsistencyProbe, alignment, collapse_std, key_consistency, similarity_stats, uniformity
 from .moco import EndToEnd, MemoryBankModel, MoCo
 from .momentum import MomentumUpdater, cosine_momentum, momentum_update
 from .progress import progress
