@@ -144,102 +144,134 @@ def _shape_sdf(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown shape {name!r}; choose one of {SHAPE_NAMES}")
 
 
-def _random_colors(lum: torch.Tensor, g: torch.Generator, max_chroma: float = 0.4) -> torch.Tensor:
-    """RGB colours (N, 3) with mean lum (N,) and a random hue and chroma."""
-    n = lum.shape[0]
-    hue = torch.rand(n, generator=g) * 2 * math.pi
-    chroma = torch.rand(n, generator=g) * max_chroma
+def _random_colors(lum: torch.Tensor, u_hue: torch.Tensor, u_chroma: torch.Tensor, max_chroma: float) -> torch.Tensor:
+    """RGB colours (..., 3) with mean about lum, a hue and a chroma from uniforms in [0, 1)."""
+    hue, chroma = u_hue * 2 * math.pi, u_chroma * max_chroma
     offsets = torch.tensor([0.0, -2 * math.pi / 3, 2 * math.pi / 3])
-    rgb = lum[:, None] + chroma[:, None] * torch.cos(hue[:, None] + offsets)  # (N, 3)
+    rgb = lum[..., None] + chroma[..., None] * torch.cos(hue[..., None] + offsets)  # (..., 3)
     return rgb.clamp(0, 1)
 
 
-def _background_texture(n: int, size: int, xs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A random texture in about [-1, 1] per image: stripes, checks, smooth noise or a ramp.
+def _hash_noise(xs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Deterministic white noise with unit variance per image from a key in [0, 1): (N,) -> (N, 3, S, S)."""
+    size = xs.shape[0]
+    iy, ix = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij")
+    ch = torch.arange(3, dtype=torch.float64).view(1, 3, 1, 1)
+    k = key.double().view(-1, 1, 1, 1) * 1000.0
+    t = torch.sin(ix * 12.9898 + iy * 78.233 + ch * 37.719 + k * 3.917) * 43758.5453
+    return ((t - torch.floor(t)).float() - 0.5) * math.sqrt(12.0)
 
-    Shape: (N, 1, S, S).
-    """
+
+# how strong each nuisance is (tuned so raw pixels do poorly and a short MoCo run does well)
+_SHAPES_STYLE = dict(
+    position=0.42,  # centre offset, fraction of the half image
+    scale=(0.34, 0.6),  # shape radius, fraction of the half image
+    contrast=(0.22, 0.52),  # luminance difference shape vs background
+    chroma=0.4,  # maximum colourfulness
+    texture=(0.06, 0.28),  # background texture amplitude
+    noise=0.03,  # maximum pixel noise std
+    p_clutter=0.5,  # probability of each of three clutter lines
+)
+_N_SEG = 3  # clutter lines per image
+_NOISE_GRID = 4  # smooth background noise: a 4x4 grid, upsampled
+
+
+def _sample_scene_params(n_draw: int, n: int, g: torch.Generator) -> dict:
+    """All random numbers of n scenes (drawn for n_draw >= n scenes, so that prefixes are stable)."""
+    st = _SHAPES_STYLE
+
+    def rand(*shape):
+        return torch.rand(n_draw, *shape, generator=g)[:n]
+
+    p = {}
+    p["cx"], p["cy"] = (rand() * 2 - 1) * st["position"], (rand() * 2 - 1) * st["position"]
+    p["scale"] = st["scale"][0] + rand() * (st["scale"][1] - st["scale"][0])  # radius / half image
+    p["theta"] = rand() * 2 * math.pi
+    p["mirror"] = torch.where(rand() < 0.5, -1.0, 1.0)
+    bg_lum = 0.12 + rand() * 0.76
+    delta = st["contrast"][0] + rand() * (st["contrast"][1] - st["contrast"][0])
+    sign = torch.where(rand() < 0.5, -1.0, 1.0)
+    sign = torch.where((bg_lum + sign * delta > 0.97) | (bg_lum + sign * delta < 0.03), -sign, sign)
+    fg_lum = (bg_lum + sign * delta).clamp(0.03, 0.97)
+    p["bg_rgb"] = _random_colors(bg_lum, rand(), rand(), st["chroma"])  # (N, 3)
+    p["fg_rgb"] = _random_colors(fg_lum, rand(), rand(), st["chroma"])
+    p["shade"] = (rand(2) * 2 - 1) * 0.12  # a linear shading gradient on the shape
+    # background texture: kind 0 stripes, 1 checks, 2 ramp, 3 smooth noise
+    p["tex_kind"] = (rand() * 4).long().clamp(max=3)
+    p["tex_amp"] = st["texture"][0] + rand() * (st["texture"][1] - st["texture"][0])
+    tex_dir = rand(3) * 0.6 + 0.4
+    p["tex_dir"] = tex_dir / tex_dir.norm(dim=1, keepdim=True) * math.sqrt(3)  # (N, 3)
+    p["tex_phi"], p["tex_phase"] = rand() * math.pi, rand() * 2 * math.pi
+    p["tex_freq"] = 1.0 + rand() * 5.0  # cycles per image width
+    p["tex_grid"] = rand(_NOISE_GRID, _NOISE_GRID) * 2 - 1  # (N, 4, 4)
+    # clutter: thin line segments, each shown with probability p_clutter
+    p["seg_a"] = (rand(_N_SEG, 2) * 2 - 1) * 0.95
+    p["seg_ang"] = rand(_N_SEG) * 2 * math.pi
+    p["seg_len"] = 0.15 + rand(_N_SEG) * 0.35
+    p["seg_on"] = rand(_N_SEG) < st["p_clutter"]
+    p["seg_rgb"] = _random_colors(0.05 + rand(_N_SEG) * 0.9, rand(_N_SEG), rand(_N_SEG), st["chroma"])  # (N, 3seg, 3)
+    p["noise_std"], p["noise_key"] = rand() * st["noise"], rand()
+    return p
+
+
+def _background_texture(p: dict, xs: torch.Tensor) -> torch.Tensor:
+    """A texture in about [-1, 1] per image: stripes, checks, a ramp or smooth noise. Shape: (N, 1, S, S)."""
     X, Y = xs[None, None, :], xs[None, :, None]  # (1, 1, S), (1, S, 1)
-    phi = torch.rand(n, 1, 1, generator=g) * math.pi
-    freq = 1.0 + torch.rand(n, 1, 1, generator=g) * 5.0  # cycles per image width
-    phase = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
+    phi, freq, phase = (p[k][:, None, None] for k in ("tex_phi", "tex_freq", "tex_phase"))
     along = X * torch.cos(phi) + Y * torch.sin(phi)  # (N, S, S)
     across = -X * torch.sin(phi) + Y * torch.cos(phi)
     stripes = torch.sin(math.pi * freq * along + phase)
     checks = torch.sign(stripes * torch.sin(math.pi * freq * across + phase))
-    ramp = along
-    grid = 3 + int(torch.randint(0, 4, (1,), generator=g))
-    noise = torch.randn(n, 1, grid, grid, generator=g)
-    noise = F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
-    noise = noise / noise.flatten(1).std(dim=1).clamp(min=1e-6)[:, None, None] * 0.6
-    kind = torch.randint(0, 4, (n, 1, 1), generator=g)
-    tex = torch.where(kind == 0, stripes, torch.where(kind == 1, checks, torch.where(kind == 2, ramp, noise)))
+    size = xs.shape[0]
+    noise = F.interpolate(p["tex_grid"][:, None], size=(size, size), mode="bicubic", align_corners=False)[:, 0]
+    kind = p["tex_kind"][:, None, None]
+    tex = torch.where(kind == 0, stripes, torch.where(kind == 1, checks, torch.where(kind == 2, along, noise)))
     return tex[:, None]  # (N, 1, S, S)
 
 
-def _render_shapes_chunk(labels: torch.Tensor, names: tuple[str, ...], size: int, seed: int) -> torch.Tensor:
-    """Render one chunk of shape images for the given labels. Returns uint8 (N, 3, S, S)."""
+def _render_shapes_chunk(labels: torch.Tensor, names: tuple[str, ...], size: int, seed: int, n_draw: int) -> torch.Tensor:
+    """Render the scenes of one chunk for the given labels. Returns uint8 (N, 3, S, S)."""
     g = torch.Generator().manual_seed(seed)
     n = labels.shape[0]
+    p = _sample_scene_params(n_draw, n, g)
     xs = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
     pixel = 2.0 / size
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=g)
-
-    # -- nuisance parameters (sampled in a fixed order so images are independent of size)
-    cx, cy = (rand(n) * 2 - 1) * 0.42, (rand(n) * 2 - 1) * 0.42
-    scale = 0.34 + rand(n) * 0.26  # shape radius as a fraction of the half image
-    theta = rand(n) * 2 * math.pi
-    mirror = torch.where(rand(n) < 0.5, -1.0, 1.0)
-    bg_lum = 0.12 + rand(n) * 0.76
-    delta = 0.22 + rand(n) * 0.3
-    sign = torch.where(rand(n) < 0.5, -1.0, 1.0)
-    sign = torch.where((bg_lum + sign * delta > 0.97) | (bg_lum + sign * delta < 0.03), -sign, sign)
-    fg_lum = (bg_lum + sign * delta).clamp(0.03, 0.97)
-    bg_rgb, fg_rgb = _random_colors(bg_lum, g), _random_colors(fg_lum, g)  # (N, 3)
-    tex_amp = 0.06 + rand(n) * 0.22
-    tex_dir = rand(n, 3) * 0.6 + 0.4
-    tex_dir = tex_dir / tex_dir.norm(dim=1, keepdim=True) * math.sqrt(3)
-    tex = _background_texture(n, size, xs, g)  # (N, 1, S, S)
-    noise_std = rand(n) * 0.03
-    # clutter: three thin line segments, each shown with probability 0.5
-    n_seg = 3
-    seg_a = (rand(n, n_seg, 2) * 2 - 1) * 0.95
-    seg_ang = rand(n, n_seg) * 2 * math.pi
-    seg_len = 0.15 + rand(n, n_seg) * 0.35
-    seg_on = rand(n, n_seg) < 0.5
-    seg_lum = rand(n * n_seg) * 0.9 + 0.05
-    seg_rgb = _random_colors(seg_lum, g).view(n, n_seg, 3)
-    shade = (rand(n, 2) * 2 - 1) * 0.12  # a linear shading gradient on the shape
+    X, Y = xs[None, None, :], xs[None, :, None]
 
     # -- the shape: signed distance in the shape's local frame
-    X, Y = xs[None, None, :], xs[None, :, None]
-    dx, dy = X - cx[:, None, None], Y - cy[:, None, None]  # (N, S, S)
-    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-    u = (dx * cos + dy * sin) / scale[:, None, None] * mirror[:, None, None]
-    v = (-dx * sin + dy * cos) / scale[:, None, None]
+    scale = p["scale"][:, None, None]
+    dx, dy = X - p["cx"][:, None, None], Y - p["cy"][:, None, None]  # (N, S, S)
+    cos, sin = torch.cos(p["theta"])[:, None, None], torch.sin(p["theta"])[:, None, None]
+    u = (dx * cos + dy * sin) / scale * p["mirror"][:, None, None]
+    v = (-dx * sin + dy * cos) / scale
     sdf = torch.empty(n, size, size)
     for c, name in enumerate(names):
         idx = (labels == c).nonzero(as_tuple=True)[0]
         if idx.numel():
             sdf[idx] = _shape_sdf(name, u[idx], v[idx])
-    alpha = (0.5 - sdf * scale[:, None, None] / pixel).clamp(0, 1)[:, None]  # (N, 1, S, S) anti-aliased
+    alpha = (0.5 - sdf * scale / pixel).clamp(0, 1)[:, None]  # (N, 1, S, S), anti-aliased edge
 
-    # -- background with texture and clutter
-    img = bg_rgb[:, :, None, None] + tex_amp[:, None, None, None] * tex * tex_dir[:, :, None, None]  # (N, 3, S, S)
-    for j in range(n_seg):
-        ax, ay = seg_a[:, j, 0, None, None], seg_a[:, j, 1, None, None]
-        bx = ax + seg_len[:, j, None, None] * torch.cos(seg_ang[:, j, None, None])
-        by = ay + seg_len[:, j, None, None] * torch.sin(seg_ang[:, j, None, None])
-        pax, pay, bax, bay = X - ax, Y - ay, bx - ax, by - ay
+    # -- background: colour, texture, clutter lines
+    tex = _background_texture(p, xs)  # (N, 1, S, S)
+    img = p["bg_rgb"][:, :, None, None] + p["tex_amp"].view(-1, 1, 1, 1) * tex * p["tex_dir"][:, :, None, None]
+    for j in range(_N_SEG):
+        if not bool(p["seg_on"][:, j].any()):
+            continue
+        ax, ay = p["seg_a"][:, j, 0, None, None], p["seg_a"][:, j, 1, None, None]
+        length, ang = p["seg_len"][:, j, None, None], p["seg_ang"][:, j, None, None]
+        pax, pay = X - ax, Y - ay
+        bax, bay = length * torch.cos(ang), length * torch.sin(ang)
         h = ((pax * bax + pay * bay) / (bax * bax + bay * bay)).clamp(0, 1)
         dist = _length(pax - bax * h, pay - bay * h)  # (N, S, S)
-        a = (0.5 - (dist - 0.6 * pixel) / pixel).clamp(0, 1) * seg_on[:, j, None, None]
-        img = img * (1 - a[:, None]) + seg_rgb[:, j, :, None, None] * a[:, None]
-    fg = fg_rgb[:, :, None, None] + (shade[:, 0, None, None] * X + shade[:, 1, None, None] * Y)[:, None]
+        a = ((0.5 - (dist - 0.6 * pixel) / pixel).clamp(0, 1) * p["seg_on"][:, j, None, None])[:, None]
+        img = img * (1 - a) + p["seg_rgb"][:, j, :, None, None] * a
+
+    # -- the shape on top, then pixel noise
+    shade = p["shade"][:, 0, None, None] * X + p["shade"][:, 1, None, None] * Y  # (N, S, S)
+    fg = p["fg_rgb"][:, :, None, None] + shade[:, None]
     img = img * (1 - alpha) + fg * alpha
-    img = img + noise_std[:, None, None, None] * torch.randn(img.shape, generator=g)
+    if float(p["noise_std"].max()) > 0:
+        img = img + p["noise_std"].view(-1, 1, 1, 1) * _hash_noise(xs, p["noise_key"])
     return (img.clamp(0, 1) * 255).round_().to(torch.uint8)
 
 
@@ -302,7 +334,8 @@ def make_shapes(
         y = torch.cat([torch.randperm(num_classes, generator=g) for _ in range(_CHUNK_PER_CLASS)])
         m = min(chunk, n - i * chunk)
         y = y[:m]
-        images.append(_render_shapes_chunk(y, names, image_size, _mix_seed(seed, _SHAPES_SPLITS[split], num_classes, i, 1)))
+        chunk_seed = _mix_seed(seed, _SHAPES_SPLITS[split], num_classes, i, 1)
+        images.append(_render_shapes_chunk(y, names, image_size, chunk_seed, n_draw=chunk))
         labels.append(y)
     if not images:
         return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
@@ -458,8 +491,8 @@ def _load_imagefolder(path: Path, image_size: int | None) -> tuple[torch.Tensor,
     key = (str(path.resolve()), image_size)
     if key in _IMAGEFOLDER_CACHE:
         return _IMAGEFOLDER_CACHE[key]
+    from PIL import Image
     from torchvision.datasets import ImageFolder
-    from torchvision.io import ImageReadMode, decode_image
 
     try:
         folder = ImageFolder(str(path))
@@ -467,13 +500,8 @@ def _load_imagefolder(path: Path, image_size: int | None) -> tuple[torch.Tensor,
         raise FileNotFoundError(f"no class folders with images in {path}: {err}") from None
     images = []
     for file, _ in folder.samples:
-        try:
-            img = decode_image(file, mode=ImageReadMode.RGB)  # (3, H, W) uint8
-        except RuntimeError:  # formats torchvision.io cannot decode: fall back to PIL
-            from PIL import Image
-
-            with Image.open(file) as pil:
-                img = torch.from_numpy(np.asarray(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+        with Image.open(file) as pil:
+            img = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
         if image_size is not None and tuple(img.shape[1:]) != (image_size, image_size):
             img = _resize_center_crop(img, image_size)
         images.append(img)
