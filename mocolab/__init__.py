@@ -11,8 +11,8 @@ import importlib
 from .device import get_device, seed_everything
 from .encoders import ConvNet, MLPHead, add_mlp_head, backbone, build_encoder, cifar_resnet18, torchvision_resnet
 from .evaluate import evaluate_knn, extract_features, knn_accuracy, knn_predict, linear_probe
-from .losses import (NCECriterion, infonce_logits, infonce_loss, margin_contrastive_loss, nce_loss,
-                     npair_loss)
+from .losses import (NCECriterion, debiased_infonce_loss, infonce_logits, infonce_loss, margin_contrastive_loss,
+                     nce_loss, npair_loss)
 from .memory_bank import MemoryBank
 from .metrics import KeyConsistencyProbe, alignment, collapse_std, key_consistency, similarity_stats, uniformity
 from .moco import EndToEnd, MemoryBankModel, MoCo
@@ -22,6 +22,10 @@ from .queue import KeyQueue
 from .shuffle_bn import SplitBatchNorm, batch_shuffle, batch_unshuffle, concat_all_gather, convert_split_bn
 from .data import (BatchAugment, TwoCropsTransform, get_dataset, load_images, make_shapes, moco_v1_transform,
                    moco_v2_transform, normalize, shared_cifar10_small)
+from .multiview import CMC, lab_views, rgb_to_lab
+from .hard_negatives import (ClusterMoCo, DebiasedMoCo, MoCHi, false_negative_rate, kmeans,
+                             mix_hard_negatives)
+from .distill import ContrastiveDistill
 
 __version__ = "0.1.0"
 

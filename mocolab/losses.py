@@ -9,6 +9,8 @@ Letters: N batch size, C feature dim, K number of negatives, M memory-bank size.
 - :class:`NCECriterion` / :func:`nce_loss` — noise-contrastive estimation for a
   memory bank (Wu et al. 2018), with the normalising constant Z estimated once
   from the first batch, as in the paper.
+- :func:`debiased_infonce_loss` — Chuang et al. (2020), InfoNCE with the expected
+  contribution of same-class "negatives" removed (class prior τ⁺).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["check_temperature", "margin_contrastive_loss", "npair_loss", "infonce_logits", "infonce_loss",
-           "nce_loss", "NCECriterion"]
+           "nce_loss", "NCECriterion", "debiased_infonce_loss"]
 
 
 def check_temperature(T: float, name: str = "T") -> float:
@@ -177,3 +179,51 @@ class NCECriterion(nn.Module):
             with torch.no_grad():
                 self.Z.fill_(float(torch.exp(logits.detach().float()).mean() * self.num_samples))
         return nce_loss(logits, self.num_samples, self.Z)
+
+
+def debiased_infonce_loss(logits: torch.Tensor, tau_plus: float, T: float) -> torch.Tensor:
+    """Debiased contrastive loss of Chuang et al. (2020, "Debiased Contrastive Learning", arXiv 2007.00224).
+
+    Some "negatives" share the query's class (false negatives). With class prior τ⁺ (the
+    probability that a random negative is of the same class), the sum over negatives is
+    corrected by subtracting the expected contribution of same-class samples, estimated
+    with the positive:
+
+    ``Ng = max((−τ⁺·K·pos + Σ neg) / (1 − τ⁺), K·e^{−1/T})``, ``L = −log(pos / (pos + Ng))``,
+
+    with ``pos = exp(q·k/T)`` and ``neg = exp(q·n/T)``, averaged over the batch. The clamp
+    keeps ``Ng`` at least its theoretical minimum (every negative at cosine −1). With
+    τ⁺ = 0 and the clamp inactive it is the usual InfoNCE cross-entropy.
+
+    The computation is done in a shifted space (each row's largest logit subtracted), which
+    leaves the ratio unchanged and avoids overflow at small T.
+
+    Args:
+        logits: MoCo logits already divided by T, positive at index 0, then K negatives.
+        tau_plus: class prior τ⁺ in [0, 1).
+        T: the temperature the logits were divided by (> 0), used for the clamp ``e^{−1/T}``.
+
+    Shape:
+        logits: (N, 1+K). Returns a scalar.
+
+    Raises:
+        ValueError: τ⁺ outside [0, 1), T ≤ 0, or logits not (N, 1+K) with K ≥ 1.
+    """
+    T = check_temperature(T)
+    try:
+        tau_plus = float(tau_plus)
+    except (TypeError, ValueError):
+        raise ValueError(f"tau_plus must be a number in [0, 1), got {tau_plus!r}") from None
+    if not 0.0 <= tau_plus < 1.0:
+        raise ValueError(f"tau_plus (the class prior τ⁺) must be in [0, 1), got {tau_plus}")
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must be (N, 1+K) with K >= 1 negatives, got {tuple(logits.shape)}")
+    K = logits.shape[1] - 1
+    shift = logits.detach().max(dim=1, keepdim=True).values  # (N, 1)
+    z = logits - shift  # (N, 1+K)
+    pos = z[:, 0].exp()  # (N,)
+    neg = z[:, 1:].exp()  # (N, K)
+    ng = (-tau_plus * K * pos + neg.sum(dim=1)) / (1.0 - tau_plus)  # (N,)
+    floor = K * torch.exp(-1.0 / T - shift[:, 0])  # (N,), K·e^{−1/T} in the shifted space
+    ng = torch.maximum(ng, floor)
+    return (torch.log(pos + ng) - z[:, 0]).mean()

@@ -1,0 +1,163 @@
+"""CMC: rgb -> Lab against reference values and a per-pixel oracle, the two-view model's interface."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mocolab.data import normalize
+from mocolab.encoders import ConvNet
+from mocolab.multiview import CMC, lab_views, rgb_to_lab
+
+# sRGB -> CIE Lab (D65), reference values as published by colour-science tables / scikit-image
+REFERENCE = [
+    ((1.0, 1.0, 1.0), (100.0, 0.0, 0.0)),
+    ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    ((1.0, 0.0, 0.0), (53.2408, 80.0925, 67.2032)),
+    ((0.0, 1.0, 0.0), (87.7347, -86.1827, 83.1793)),
+    ((0.0, 0.0, 1.0), (32.2970, 79.1875, -107.8602)),
+    ((0.5, 0.5, 0.5), (53.3889, 0.0, 0.0)),
+]
+
+
+@pytest.mark.parametrize("rgb,lab", REFERENCE)
+def test_rgb_to_lab_reference_values(rgb, lab):
+    x = torch.tensor(rgb).view(3, 1, 1)
+    got = rgb_to_lab(x).view(3)
+    torch.testing.assert_close(got, torch.tensor(lab), atol=2e-2, rtol=0)
+
+
+def naive_lab(r, g, b):
+    """The CIE formulas for one pixel, in plain Python floats."""
+    def lin(c):
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = lin(r), lin(g), lin(b)
+    X = (0.412453 * r + 0.357580 * g + 0.180423 * b) / 0.95047
+    Y = 0.212671 * r + 0.715160 * g + 0.072169 * b
+    Z = (0.019334 * r + 0.119193 * g + 0.950227 * b) / 1.08883
+
+    def f(t):
+        return t ** (1 / 3) if t > (6 / 29) ** 3 else t / (3 * (6 / 29) ** 2) + 4 / 29
+    return 116 * f(Y) - 16, 500 * (f(X) - f(Y)), 200 * (f(Y) - f(Z))
+
+
+def test_rgb_to_lab_matches_per_pixel_oracle_on_a_batch():
+    x = torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    x[0, :, 0, 0] = 0.001  # a dark pixel: the linear branch of f
+    lab = rgb_to_lab(x)
+    assert lab.shape == x.shape
+    for n in range(2):
+        for i in range(4):
+            for j in range(5):
+                expected = torch.tensor(naive_lab(*x[n, :, i, j].tolist()))
+                torch.testing.assert_close(lab[n, :, i, j], expected, atol=1e-3, rtol=1e-4)
+
+
+def test_rgb_to_lab_bad_shape():
+    with pytest.raises(ValueError, match="3, H, W"):
+        rgb_to_lab(torch.rand(2, 4, 8, 8))
+
+
+def test_lab_views_undo_the_normalisation():
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    l, ab = lab_views(normalize(images))
+    assert l.shape == (3, 1, 8, 8) and ab.shape == (3, 2, 8, 8)
+    lab = rgb_to_lab(images.float() / 255)
+    torch.testing.assert_close(l, (lab[:, :1] - 50) / 50, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ab, lab[:, 1:] / 110, atol=1e-4, rtol=1e-4)
+    assert float(l.abs().max()) <= 1.0 + 1e-5 and float(ab.abs().max()) <= 1.0 + 1e-5
+
+
+def small(num_classes=16, in_channels=3):
+    return ConvNet(num_classes=num_classes, width=4, in_channels=in_channels)
+
+
+@pytest.mark.parametrize("views", ["two_crops", "same_crop"])
+def test_cmc_forward_shapes_loss_and_symmetric_oracle(views):
+    torch.manual_seed(0)
+    model = CMC(small, dim=16, K=32, m=0.9, T=0.2, views=views)
+    assert model.encoder_l.features[0][0].in_channels == 1
+    assert model.encoder_ab.features[0][0].in_channels == 2
+    im_q, im_k = (normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)) for _ in range(2))
+    queue_l, queue_ab = model.queue_l.queue.clone(), model.queue_ab.queue.clone()
+    # oracle: the two directions written out
+    l, _ = lab_views(im_q)
+    ab = lab_views(im_k if views == "two_crops" else im_q)[1]
+    # the key encoders start as copies of the query encoders, so the first momentum update keeps them
+    logits, labels = model(im_q, im_k, index=torch.arange(4))
+    assert logits.shape == (8, 33) and labels.tolist() == [0] * 8
+    with torch.no_grad():
+        q_l, q_ab = F.normalize(model.encoder_l(l), dim=1), F.normalize(model.encoder_ab(ab), dim=1)
+        k_l, k_ab = F.normalize(model.encoder_l_k(l), dim=1), F.normalize(model.encoder_ab_k(ab), dim=1)
+    exp_l = torch.cat([(q_l * k_ab).sum(1, keepdim=True), q_l @ queue_ab], 1) / 0.2
+    exp_ab = torch.cat([(q_ab * k_l).sum(1, keepdim=True), q_ab @ queue_l], 1) / 0.2
+    torch.testing.assert_close(logits.detach(), torch.cat([exp_l, exp_ab]), atol=1e-4, rtol=1e-4)
+    # each view's keys went into its own queue, with the indices
+    torch.testing.assert_close(model.queue_l.queue[:, :4], k_l.t())
+    torch.testing.assert_close(model.queue_ab.queue[:, :4], k_ab.t())
+    assert model.queue_ab.queue_index[:4].tolist() == [0, 1, 2, 3]
+    loss = model.criterion(logits, labels)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[:4], labels[:4]) + F.cross_entropy(logits[4:], labels[4:]))
+    loss.backward()
+    assert all(p.grad is None for p in model.encoder_l_k.parameters())
+    assert all(p.grad is None for p in model.encoder_ab_k.parameters())
+    assert model.encoder_l.fc.weight.grad is not None and model.encoder_ab.fc.weight.grad is not None
+
+
+def test_cmc_momentum_update_of_both_key_encoders():
+    torch.manual_seed(0)
+    model = CMC(small, dim=16, K=32, m=0.5, T=0.2)
+    with torch.no_grad():
+        for p in list(model.encoder_l.parameters()) + list(model.encoder_ab.parameters()):
+            p.add_(1.0)
+    before_l = [p.clone() for p in model.encoder_l_k.parameters()]
+    x = torch.randn(2, 3, 32, 32)
+    model(x, x)
+    for pk, pk0, pq in zip(model.encoder_l_k.parameters(), before_l, model.encoder_l.parameters()):
+        torch.testing.assert_close(pk, 0.5 * pk0 + 0.5 * pq)
+    model.to("cpu")  # re-gathers the tensors of the momentum updaters
+    model(x, x)
+
+
+def test_cmc_eval_features_concatenate_normalised_views():
+    torch.manual_seed(0)
+    model = CMC(functools.partial(ConvNet, width=4), dim=16, K=32)
+    x = normalize(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    model.eval()
+    feats = model.encoder_for_eval()(x)
+    assert feats.shape == (3, 32)
+    torch.testing.assert_close(feats[:, :16].norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(feats[:, 16:].norm(dim=1), torch.ones(3))
+    l, ab = lab_views(x)
+    torch.testing.assert_close(feats[:, :16], F.normalize(model.encoder_l(l), dim=1))
+    assert model.encoder_for_eval("ab")(x).shape == (3, 16)
+    assert model.encoder_q(x).shape == (3, 32)  # what the kNN monitor of fit() uses
+    with pytest.raises(ValueError, match="view"):
+        model.encoder_for_eval("rgb")
+
+
+def test_cmc_trains_with_fit():
+    from mocolab.data import BatchAugment
+    from mocolab.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(16) % 2
+    model = CMC(small, dim=16, K=32, m=0.9, T=0.2)
+    hist = fit(model, images, BatchAugment(32, p_gray=0.0), TrainConfig(epochs=1, batch_size=8, knn_k=5),
+               eval_data=(images, labels, images, labels), device="cpu", verbose=False)
+    assert len(hist["loss"]) == 1 and len(hist["knn_acc"]) == 1
+
+
+@pytest.mark.parametrize("kw,match", [(dict(views="three"), "views"), (dict(T=-1), "temperature"),
+                                      (dict(m=2), "momentum"), (dict(K=0), "K"),
+                                      (dict(std=(1, 0, 1)), "std")])
+def test_cmc_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CMC(small, dim=16, **{"K": 32, **kw})
+
+
+def test_cmc_two_crops_needs_im_k():
+    model = CMC(small, dim=16, K=32)
+    with pytest.raises(ValueError, match="im_k"):
+        model(torch.randn(2, 3, 32, 32))
