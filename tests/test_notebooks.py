@@ -25,7 +25,6 @@ Adding a notebook (notebook owners)
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -45,10 +44,6 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 #: Keys are notebook names without extension; values override the
 #: notebook's ``parameters`` cell. DEVICE stays "auto" unless set here.
 CI_PARAMETERS: dict[str, dict] = {}
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 #: Checkers: ``check(metrics: dict, output_dir: Path)``, raising AssertionError.
