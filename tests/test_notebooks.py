@@ -20,6 +20,9 @@ Adding a notebook (notebook owners)
    non-empty ``metrics.json``.
 3. If it needs longer than :data:`DEFAULT_TIMEOUT_S`, add it to
    :data:`TIMEOUT_S`.
+
+``MOCOLAB_NOTEBOOK_DIR=/some/dir`` runs the notebooks of another directory
+(for trying the machinery on scratch notebooks).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -46,8 +50,13 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CI_PARAMETERS: dict[str, dict] = {}
 
 
-#: Checkers: ``check(metrics: dict, output_dir: Path)``, raising AssertionError.
-CHECKS: dict[str, callable] = {}
+# Checkers, one per notebook: ``check_NN(metrics: dict, output_dir: Path)``
+# asserts on the notebook's metrics.json (already loaded as ``metrics``)
+# and may look at the files it wrote to ``output_dir``.
+
+
+#: Notebook name -> its checker (defined above).
+CHECKS: dict[str, Callable[[dict, Path], None]] = {}
 
 #: Seconds a notebook may take at CI size before the test fails.
 DEFAULT_TIMEOUT_S = 600
