@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mocolab.encoders import ConvNet
-from mocolab.evaluate import extract_features, knn_accuracy, knn_predict, linear_probe
+from mocolab.evaluate import extract_features, knn_accuracy, knn_predict, linear_probe, per_class_subset, train_supervised
 
 
 def test_knn_predict_matches_loop():
@@ -43,3 +43,31 @@ def test_linear_probe_learns_separable():
     assert out["test_acc"] > 95
     with pytest.raises(ValueError, match="optimizer"):
         linear_probe(centers, torch.arange(3), centers, torch.arange(3), optimizer="lbfgs")
+
+
+def test_per_class_subset_counts_and_bad_input():
+    labels = torch.arange(5).repeat(7)[torch.randperm(35)]
+    idx = per_class_subset(labels, 3, seed=1)
+    assert torch.equal(torch.bincount(labels[idx]), torch.full((5,), 3))
+    assert torch.equal(idx, idx.sort().values) and idx.unique().numel() == 15
+    assert torch.equal(idx, per_class_subset(labels, 3, seed=1))
+    with pytest.raises(ValueError, match="fewer than per_class"):
+        per_class_subset(labels, 8)
+    with pytest.raises(ValueError, match="per_class must be"):
+        per_class_subset(labels, 0)
+
+
+def test_train_supervised_learns_colour_classes():
+    # two classes that differ by colour only; no augmentation: the classifier must fit them
+    images = torch.zeros(40, 3, 8, 8, dtype=torch.uint8)
+    labels = torch.arange(2).repeat(20)
+    images[labels == 0, 0] = 255
+    images[labels == 1, 2] = 255
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 2))
+    hist = train_supervised(model, images, labels, lambda x, generator=None: x.float() / 255, steps=30,
+                            batch_size=64, lr=0.5, device="cpu")
+    assert hist["steps"] == 30 and hist["batch_size"] == 40 and len(hist["step_loss"]) == 30
+    assert hist["step_loss"][-1] < hist["step_loss"][0]
+    assert (model(images.float() / 255).argmax(1) == labels).all()
+    with pytest.raises(ValueError, match="must match"):
+        train_supervised(model, images, labels[:5], lambda x, generator=None: x.float())
