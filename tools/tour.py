@@ -231,11 +231,14 @@ h1 { margin-bottom: 0.2rem; }
 .status { font-weight: bold; }
 .ok .status { color: #2e7d32; }
 .failed .status { color: #c62828; }
-table.metrics { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.9rem; }
-table.metrics td { border-bottom: 1px solid #eee; padding: 0.1rem 0.8rem 0.1rem 0; }
-table.metrics td.key { font-family: monospace; color: #333; }
+dl.metrics { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr)); gap: 0 1.5rem; margin: 0.6rem 0; font-size: 0.9rem; }
+dl.metrics div { display: flex; justify-content: space-between; border-bottom: 1px solid #eee; padding: 0.1rem 0; }
+dl.metrics dt { font-family: monospace; color: #333; }
+dl.metrics dd { margin: 0 0 0 1rem; text-align: right; }
 .figures { display: flex; flex-wrap: wrap; gap: 0.5rem; }
 .figures img { height: 140px; border: 1px solid #eee; }
+ol.toc { columns: 2; margin: 0 0 1.5rem 0; }
+ol.toc li.failed a { color: #c62828; }
 pre.error { white-space: pre-wrap; background: #fff; border: 1px solid #f1c0c0; padding: 0.5rem; font-size: 0.8rem; max-height: 20rem; overflow: auto; }
 """
 
@@ -259,6 +262,13 @@ def render_index(results: list[NotebookResult], heading: str = "mocolab tour") -
         f'<p class="summary" id="summary">{n_ok} of {len(results)} notebooks ran'
         f" ({_fmt_seconds(total)} in all), each with its default parameters.</p>",
     ]
+    if len(results) > 1:
+        links = "".join(
+            f'<li class="{"ok" if r.ok else "failed"}"><a href="#nb-{esc(r.name)}">{esc(r.title or r.name)}</a>'
+            f'{"" if r.ok else " — failed"}</li>'
+            for r in results
+        )
+        parts.append(f'<ol class="toc">{links}</ol>')
     for r in results:
         state = "ok" if r.ok else "failed"
         parts.append(f'<section class="card {state}" id="nb-{esc(r.name)}" data-status="{state}">')
@@ -276,8 +286,8 @@ def render_index(results: list[NotebookResult], heading: str = "mocolab tour") -
             parts.append(f'<pre class="error">{esc(r.error)}</pre>')
         shown = key_metrics(r.metrics)
         if shown:
-            rows = "".join(f'<tr><td class="key">{esc(k)}</td><td>{esc(v)}</td></tr>' for k, v in shown.items())
-            parts.append(f'<table class="metrics">{rows}</table>')
+            rows = "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in shown.items())
+            parts.append(f'<dl class="metrics">{rows}</dl>')
         if r.figures:
             imgs = "".join(
                 f'<a href="{esc(f, quote=True)}"><img src="{esc(f, quote=True)}" alt="{esc(Path(f).name)}" '
