@@ -61,6 +61,7 @@ def test_index_shows_each_notebook(fake_tour):
     assert "1 min 15 s" in page and "3.0 s" in page
     assert 'href="01_ok/01_ok.html"' in page and 'src="01_ok/loss.png"' in page
     assert "T must be &gt; 0, got -1" in page
+    assert '<a href="#nb-02_bad">InfoNCE</a> — failed' in page  # contents list
 
 
 def test_index_metrics_are_small_and_flat(fake_tour):
