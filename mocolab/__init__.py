@@ -30,13 +30,16 @@ from .distill import ContrastiveDistill
 
 __version__ = "0.1.0"
 
-_LAZY = ("plotting", "widgets", "train", "cli")
+_LAZY = ("plotting", "widgets", "train", "cli", "checkpoint", "distributed")
 # names re-exported from the lazy submodules: mocolab.plot_embedding, mocolab.temperature_explorer, ...
 _LAZY_NAMES = {
     **dict.fromkeys(("embed_2d", "plot_embedding", "plot_similarity_histograms", "plot_curves", "plot_image_grid",
                      "nearest_and_hardest", "plot_neighbours", "plot_sweep"), "plotting"),
     **dict.fromkeys(("temperature_softmax", "ema_track", "queue_staleness", "temperature_explorer",
                      "momentum_explorer", "queue_explorer"), "widgets"),
+    **dict.fromkeys(("fit", "TrainConfig", "pretrain", "NonFiniteLossError"), "train"),
+    **dict.fromkeys(("save_checkpoint", "load_checkpoint", "export_backbone", "load_moco_checkpoint_into_resnet",
+                     "CheckpointError"), "checkpoint"),
 }
 
 

@@ -1,0 +1,5 @@
+"""``python -m mocolab …`` (also under ``torchrun -m mocolab pretrain …``)."""
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,205 @@
+"""Checkpoints: atomic writes, weights_only loading, exact resumption, NaN guard, backbone export."""
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import pytest
+import torch
+
+from mocolab.checkpoint import (FORMAT, CheckpointError, clean_state_dict, export_backbone, load_checkpoint,
+                                load_moco_checkpoint_into_resnet, save_checkpoint)
+from mocolab.data import BatchAugment
+from mocolab.encoders import ConvNet, cifar_resnet18
+from mocolab.moco import MoCo
+from mocolab.train import NonFiniteLossError, TrainConfig, fit
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = {"shuffle_bn": "split", "bn_splits": 2, **kw}
+    return MoCo(partial(ConvNet, width=4), dim=8, K=48, m=0.9, T=0.2, **kw)
+
+
+def tiny_data(n=48, size=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+def tiny_run(epochs, tmp_path, name, stop_after=None, resume=None, **model_kw):
+    model = tiny_model(**model_kw)
+    images = tiny_data()
+    labels = torch.arange(48) % 4
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, knn_every=1, knn_k=5, seed=3)
+    ckpt = tmp_path / name / "checkpoint.pt"
+
+    def on_epoch(epoch, hist):
+        if stop_after is not None and epoch == stop_after:
+            raise KeyboardInterrupt  # a run killed right after an epoch
+    try:
+        hist = fit(model, images, BatchAugment(16), cfg, eval_data=(images, labels, images[:16], labels[:16]),
+                   device="cpu", verbose=False, checkpoint=ckpt, resume=resume, on_epoch=on_epoch)
+    except KeyboardInterrupt:
+        hist = None
+    return model, hist, ckpt
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+    ref_model, ref_hist, _ = tiny_run(3, tmp_path, "ref")
+    _, none, ckpt = tiny_run(3, tmp_path, "cut", stop_after=1)
+    assert none is None and load_checkpoint(ckpt)["epoch"] == 1
+    torch.manual_seed(12345)  # the global RNG is part of the checkpoint: disturbing it must not matter
+    model, hist, _ = tiny_run(3, tmp_path, "cut", resume=ckpt)
+    ref_sd, sd = ref_model.state_dict(), model.state_dict()
+    assert ref_sd.keys() == sd.keys()
+    for k in ref_sd:
+        assert torch.equal(ref_sd[k], sd[k]), k
+    assert hist["step_loss"] == ref_hist["step_loss"]
+    assert hist["loss"] == ref_hist["loss"] and hist["knn_acc"] == ref_hist["knn_acc"]
+    assert hist["epoch"] == [1, 2, 3]
+
+
+def test_checkpoint_contents_load_with_weights_only(tmp_path):
+    _, _, ckpt = tiny_run(1, tmp_path, "a")
+    state = torch.load(ckpt, weights_only=True)
+    assert state["format"] == FORMAT and state["epoch"] == 1 and state["step"] == 3
+    for key in ("encoder_q.fc.weight", "encoder_k.fc.weight", "queue", "queue_ptr", "queue_index", "queue_count"):
+        assert key in state["model"]
+    rng = state["rng"][0]
+    assert {"torch", "batch_order", "augment"} <= set(rng) and all(
+        isinstance(rng[k], torch.Tensor) for k in ("torch", "batch_order", "augment"))
+    assert state["optimizer"]["state"]  # SGD momentum buffers
+    assert not list(tmp_path.glob("a/.*tmp"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+def test_corrupt_truncated_or_wrong_file_names_the_path(tmp_path, content):
+    _, _, ckpt = tiny_run(1, tmp_path, "b")
+    bad = tmp_path / "bad.pt"
+    if content is None:  # truncated
+        bad.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    else:
+        bad.write_bytes(content)
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a mocolab training checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    from fractions import Fraction  # any class outside weights_only's allow-list
+
+    torch.save({"format": FORMAT, "x": Fraction(1, 3)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"a": torch.ones(3)})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"a": torch.zeros(3)})
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_nan_loss_stops_the_run_and_leaves_the_last_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model()
+    images = tiny_data()
+    ckpt = tmp_path / "nan" / "checkpoint.pt"
+    saved = {}
+
+    def criterion(logits, labels, original=model.criterion):
+        loss = original(logits, labels)
+        return loss * float("nan") if saved else loss
+
+    def on_epoch(epoch, hist):  # after epoch 1 was checkpointed, the loss turns NaN
+        saved.update({k: v.clone() for k, v in model.state_dict().items()})
+    monkeypatch.setattr(model, "criterion", criterion)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, knn_every=0, seed=3)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2.*intact"):
+        fit(model, images, BatchAugment(16), cfg, device="cpu", verbose=False, checkpoint=ckpt, on_epoch=on_epoch)
+    state = load_checkpoint(ckpt)
+    assert state["epoch"] == 1
+    for k, v in saved.items():
+        assert torch.equal(state["model"][k], v), k
+
+
+def test_resume_checks_the_run_matches(tmp_path):
+    _, _, ckpt = tiny_run(1, tmp_path, "d")
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        tiny_run(2, tmp_path, "e", resume=ckpt, mlp=True)
+    model = tiny_model()
+    cfg = TrainConfig(epochs=2, batch_size=8, seed=3, knn_every=0)
+    with pytest.raises(CheckpointError, match="steps per epoch"):
+        fit(model, tiny_data(), BatchAugment(16), cfg, device="cpu", verbose=False, resume=ckpt)
+
+
+def test_clean_state_dict_strips_wrappers():
+    sd = {"encoder_q.module.conv1.weight": 1, "encoder_k._orig_mod.fc.bias": 2, "queue": 3}
+    assert clean_state_dict(sd) == {"encoder_q.conv1.weight": 1, "encoder_k.fc.bias": 2, "queue": 3}
+
+
+def test_export_backbone_drops_the_projection_head(tmp_path):
+    torch.manual_seed(0)
+    moco = MoCo(cifar_resnet18, dim=16, K=32, mlp=True)
+    sd = export_backbone(moco, tmp_path / "backbone.pt")
+    assert "conv1.weight" in sd and not any(k.startswith("fc.") or "encoder" in k for k in sd)
+    net = cifar_resnet18(num_classes=10)
+    result = net.load_state_dict(sd, strict=False)
+    assert set(result.missing_keys) == {"fc.weight", "fc.bias"} and not result.unexpected_keys
+    assert torch.equal(net.conv1.weight, moco.encoder_q.conv1.weight)
+    assert torch.load(tmp_path / "backbone.pt", weights_only=True).keys() == sd.keys()
+    _, _, ckpt = tiny_run(1, tmp_path, "f")  # from a training checkpoint, too
+    assert "features.0.0.weight" in export_backbone(ckpt)
+
+
+def official_checkpoint(path, mlp=True):
+    """A checkpoint in the format of facebookresearch/moco's main_moco.py (torchvision resnet18, renamed)."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    net = resnet18(num_classes=128)
+    sd = {}
+    for k, v in net.state_dict().items():
+        if k.startswith("fc.") and mlp:  # the v2 MLP head: fc.0 (d->d), fc.2 (d->128)
+            sd[f"module.encoder_q.fc.2.{k[3:]}"] = v
+            sd[f"module.encoder_q.fc.0.{k[3:]}"] = torch.zeros(512, 512) if k.endswith("weight") else torch.zeros(512)
+        else:
+            sd[f"module.encoder_q.{k}"] = v
+        sd[f"module.encoder_k.{k}"] = v.clone()
+    sd["module.queue"] = torch.randn(128, 64)
+    sd["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": sd, "optimizer": {}}, path)
+    return net
+
+
+def test_load_official_moco_checkpoint_into_resnet(tmp_path):
+    ref = official_checkpoint(tmp_path / "checkpoint_0199.pth.tar")
+    net = load_moco_checkpoint_into_resnet(tmp_path / "checkpoint_0199.pth.tar", arch="resnet18", num_classes=10)
+    assert net.fc.out_features == 10 and float(net.fc.bias.detach().abs().sum()) == 0.0
+    for k, v in ref.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(net.state_dict()[k], v), k
+
+
+def test_official_checkpoint_with_wrong_arch_or_keys_is_a_clear_error(tmp_path):
+    official_checkpoint(tmp_path / "ck.pth")
+    with pytest.raises(CheckpointError, match="unexpected keys|missing keys|other shapes"):
+        load_moco_checkpoint_into_resnet(tmp_path / "ck.pth", arch="resnet50")
+    with pytest.raises(CheckpointError, match="unexpected keys"):
+        load_moco_checkpoint_into_resnet(tmp_path / "ck.pth", arch="convnet")
+    torch.save({"state_dict": {"module.other.weight": torch.ones(1)}}, tmp_path / "nokeys.pth")
+    with pytest.raises(CheckpointError, match="encoder_q"):
+        load_moco_checkpoint_into_resnet(tmp_path / "nokeys.pth", arch="resnet18")
+    os.truncate(tmp_path / "ck.pth", 100)
+    with pytest.raises(CheckpointError, match="ck.pth"):
+        load_moco_checkpoint_into_resnet(tmp_path / "ck.pth", arch="resnet18")
