@@ -132,20 +132,34 @@ class KeyConsistencyProbe:
     def measure(self, model: nn.Module) -> dict:
         """Recompute the kept keys with ``model.encoder_k`` as it is now and compare.
 
+        The mean cosine alone is fooled by collapse: if every key is the same vector, stored and
+        recomputed keys agree perfectly. Two measures relative to the other keys are returned too:
+        ``identification``, the % of recomputed keys whose most similar stored key (among all
+        kept keys) is their own (chance 100 / num_keys), and ``margin``, the mean of
+        ``cos(sᵢ, rᵢ) − mean_{j≠i} cos(sⱼ, rᵢ)`` (≈ 0 for collapsed keys).
+
         Returns:
-            dict with ``mean`` (over all kept keys), ``by_age`` (list, index a = keys enqueued
-            a steps before the latest step, 0 = the latest) and ``num_keys``.
+            dict with ``mean`` (cosine over all kept keys), ``by_age`` (list, index a = keys
+            enqueued a steps before the latest step, 0 = the latest), ``identification`` (%),
+            ``margin`` and ``num_keys``.
         """
         if not self._kept:
             raise ValueError("no step recorded yet: pass the probe to fit(on_step=...) or call record() first")
         encoder = copy.deepcopy(model.encoder_k).train(self.bn == "train")
-        by_age, total, count = [], 0.0, 0
-        for batches, stored in reversed(self._kept):  # newest first
-            recomputed = F.normalize(torch.cat([encoder(b).float() for b in batches]), dim=1)  # (N, C)
-            c = F.cosine_similarity(stored.float(), recomputed, dim=1)  # (N,)
-            by_age.append(float(c.mean()))
-            total, count = total + float(c.sum()), count + c.numel()
-        return {"mean": total / count, "by_age": by_age, "num_keys": count}
+        stored, recomputed, by_age = [], [], []
+        for batches, s in reversed(self._kept):  # newest first
+            r = F.normalize(torch.cat([encoder(b).float() for b in batches]), dim=1)  # (N, C)
+            stored.append(F.normalize(s.float(), dim=1))
+            recomputed.append(r)
+            by_age.append(float((stored[-1] * r).sum(dim=1).mean()))
+        s, r = torch.cat(stored), torch.cat(recomputed)  # (K', C)
+        sim = r @ s.t()  # (K', K'): recomputed i against stored j
+        own = sim.diagonal()  # (K',)
+        n = own.numel()
+        others = (sim.sum(dim=1) - own) / max(1, n - 1)  # (K',)
+        identified = sim.argmax(dim=1) == torch.arange(n, device=sim.device)
+        return {"mean": float(own.mean()), "by_age": by_age, "identification": 100.0 * float(identified.float().mean()),
+                "margin": float((own - others).mean()), "num_keys": n}
 
 
 def collapse_std(z: torch.Tensor) -> float:

@@ -71,6 +71,23 @@ def test_probe_keeps_the_enqueued_keys_and_a_frozen_key_encoder_is_consistent():
     r = probe.measure(model)
     assert r["mean"] == pytest.approx(1.0, abs=1e-5) and r["num_keys"] == 12
     assert r["by_age"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+    assert r["identification"] == pytest.approx(100.0) and 0.0 < r["margin"] <= 1.0 + 1e-5
+
+
+def test_probe_relative_measures_see_through_collapse():
+    # every key the same vector: the cosine says "consistent", identification and margin do not
+    model = MoCo(_tiny, dim=8, K=8, m=1.0, T=0.1)
+    for p in model.encoder_k.parameters():
+        p.data.zero_()
+    model.encoder_k.fc.bias.data[0] = 1.0  # constant output e_0 for every input
+    probe = KeyConsistencyProbe(steps=2)
+    for _ in range(2):
+        im_q, im_k = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+        model(im_q, im_k)
+        probe.record(model, im_q, im_k)
+    r = probe.measure(model)
+    assert r["mean"] == pytest.approx(1.0) and r["margin"] == pytest.approx(0.0, abs=1e-6)
+    assert r["identification"] <= 100.0 / 8 + 1e-6  # ties go to the first stored key: only one row is "right"
 
 
 def test_probe_sees_a_fast_key_encoder_drift_and_leaves_bn_statistics_alone():
