@@ -28,6 +28,7 @@ Adding a notebook (notebook owners)
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -47,7 +48,10 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 #: Parameters injected into each notebook in CI, on top of OUTPUT_DIR.
 #: Keys are notebook names without extension; values override the
 #: notebook's ``parameters`` cell. DEVICE stays "auto" unless set here.
-CI_PARAMETERS: dict[str, dict] = {}
+CI_PARAMETERS: dict[str, dict] = {
+    "01_margin_contrastive_loss": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "EPOCHS": 1, "BATCH_SIZE": 64,
+                                   "NUM_SHOW": 128},
+}
 
 
 # Checkers, one per notebook: ``check_NN(metrics: dict, output_dir: Path)``
@@ -55,8 +59,29 @@ CI_PARAMETERS: dict[str, dict] = {}
 # and may look at the files it wrote to ``output_dir``.
 
 
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_percent(x) -> bool:
+    return _finite_number(x) and 0.0 <= x <= 100.0
+
+
+def check_01(metrics: dict, output_dir: Path) -> None:
+    for key in ("random_init_knn_acc", "margin_knn_acc", "infonce_knn_acc"):
+        assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
+    epochs = CI_PARAMETERS["01_margin_contrastive_loss"]["EPOCHS"]
+    for key in ("margin_knn_curve", "infonce_knn_curve", "margin_loss", "infonce_loss"):
+        assert len(metrics[key]) == epochs and all(_finite_number(v) for v in metrics[key]), key
+    assert metrics["margin_knn_acc"] == metrics["margin_knn_curve"][-1]
+    for name in ("loss_vs_distance", "pairs", "margin_embedding", "margin_vs_infonce"):
+        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+
+
 #: Notebook name -> its checker (defined above).
-CHECKS: dict[str, Callable[[dict, Path], None]] = {}
+CHECKS: dict[str, Callable[[dict, Path], None]] = {
+    "01_margin_contrastive_loss": check_01,
+}
 
 #: Seconds a notebook may take at CI size before the test fails.
 DEFAULT_TIMEOUT_S = 600
