@@ -103,6 +103,8 @@ class KeyConsistencyProbe:
             raise ValueError(f"bn must be one of {self.BN_MODES}, got {bn!r}")
         self.steps, self.bn = (None if steps is None else int(steps)), bn
         self._kept: list[tuple[list, torch.Tensor]] = []  # ([view batches], stored keys), oldest first
+        self._model: nn.Module | None = None
+        self.last: dict | None = None
 
     @staticmethod
     def latest_keys(queue: nn.Module, n: int) -> torch.Tensor:
@@ -119,11 +121,21 @@ class KeyConsistencyProbe:
         if self.steps is None:
             self.steps = max(1, math.ceil(model.queue.shape[1] / n))
         self._kept.append(([b.detach().clone() for b in batches], self.latest_keys(model, n).clone()))
+        self._model = model
         del self._kept[:-self.steps]
 
     def __call__(self, state) -> None:
         """``fit(..., on_step=probe)``: record the step described by ``state``."""
         self.record(state.model, state.im_q, state.im_k)
+
+    def on_epoch(self, epoch: int, history: dict) -> None:
+        """``fit(..., on_epoch=probe.on_epoch)``: measure the recorded model and append to ``history``
+        ``key_consistency`` (mean cosine), ``key_identification`` (%) and ``key_margin``; the full
+        result of the last measurement is kept in ``probe.last``."""
+        self.last = self.measure(self._model)
+        for key, name in (("key_consistency", "mean"), ("key_identification", "identification"),
+                          ("key_margin", "margin")):
+            history.setdefault(key, []).append(self.last[name])
 
     def __len__(self) -> int:
         return len(self._kept)

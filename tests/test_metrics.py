@@ -102,6 +102,10 @@ def test_probe_sees_a_fast_key_encoder_drift_and_leaves_bn_statistics_alone():
     for before, after in zip(stats, model.encoder_k.buffers()):
         torch.testing.assert_close(before, after)
     assert KeyConsistencyProbe(steps=3, bn="eval").bn == "eval"
+    history = {}
+    probe.on_epoch(1, history)
+    assert history["key_consistency"] == [pytest.approx(r["mean"])] and probe.last["by_age"] == r["by_age"]
+    assert set(history) == {"key_consistency", "key_identification", "key_margin"}
 
 
 def test_probe_symmetric_model_and_bad_arguments():
