@@ -483,23 +483,41 @@ def _torchvision_dataset(kind: str, split: str, root: Path, download: bool, tran
         raise
 
 
+_CACHE_MAX_BYTES = 512 * 2**20  # small ImageFolders (like cifar10-small) stay decoded in memory
 _IMAGEFOLDER_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+
+
+_IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _scan_imagefolder(path: Path) -> tuple[list[str], list[int], list[str]]:
+    """Files, targets and classes in torchvision ``ImageFolder`` order (without importing torchvision)."""
+    classes = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {path} (expected the ImageFolder layout {path}/<class>/<image>)")
+    samples, targets = [], []
+    for index, name in enumerate(classes):
+        for root, _, fnames in sorted(os.walk(path / name, followlinks=True)):
+            for fname in sorted(fnames):
+                if fname.lower().endswith(_IMG_EXTENSIONS):
+                    samples.append(os.path.join(root, fname))
+                    targets.append(index)
+    if not samples:
+        raise FileNotFoundError(f"no images ({', '.join(_IMG_EXTENSIONS)}) in the class folders of {path}")
+    return samples, targets, classes
 
 
 def _load_imagefolder(path: Path, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Decode every image of an ImageFolder into one uint8 tensor (cached in memory by path)."""
     key = (str(path.resolve()), image_size)
-    if key in _IMAGEFOLDER_CACHE:
-        return _IMAGEFOLDER_CACHE[key]
+    if key in _IMAGEFOLDER_CACHE:  # a copy, so that callers may modify what they get
+        images, labels, classes = _IMAGEFOLDER_CACHE[key]
+        return images.clone(), labels.clone(), list(classes)
     from PIL import Image
-    from torchvision.datasets import ImageFolder
 
-    try:
-        folder = ImageFolder(str(path))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"no class folders with images in {path}: {err}") from None
+    samples, targets, classes = _scan_imagefolder(path)
     images = []
-    for file, _ in folder.samples:
+    for file in samples:
         with Image.open(file) as pil:
             img = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
         if image_size is not None and tuple(img.shape[1:]) != (image_size, image_size):
@@ -508,8 +526,9 @@ def _load_imagefolder(path: Path, image_size: int | None) -> tuple[torch.Tensor,
     sizes = {tuple(im.shape) for im in images}
     if len(sizes) > 1:
         raise ValueError(f"images in {path} have different sizes {sorted(sizes)[:3]}...; pass image_size=")
-    out = (torch.stack(images), torch.tensor(folder.targets, dtype=torch.long), list(folder.classes))
-    _IMAGEFOLDER_CACHE[key] = out
+    out = (torch.stack(images), torch.tensor(targets, dtype=torch.long), classes)
+    if out[0].numel() <= _CACHE_MAX_BYTES:
+        _IMAGEFOLDER_CACHE[key] = (out[0].clone(), out[1].clone(), list(classes))
     return out
 
 
