@@ -49,6 +49,7 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 #: Keys are notebook names without extension; values override the
 #: notebook's ``parameters`` cell. DEVICE stays "auto" unless set here.
 CI_PARAMETERS: dict[str, dict] = {
+    "00_setup_and_data": {"NUM_IMAGES": 500, "NUM_TEST": 200},
     "01_margin_contrastive_loss": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "EPOCHS": 1, "BATCH_SIZE": 64,
                                    "NUM_SHOW": 128},
 }
@@ -78,8 +79,24 @@ def check_01(metrics: dict, output_dir: Path) -> None:
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
 
+def check_00(metrics: dict, output_dir: Path) -> None:
+    params = CI_PARAMETERS["00_setup_and_data"]
+    assert metrics["dataset"] == "shapes" and metrics["num_classes"] == 10 == len(metrics["classes"])
+    assert metrics["num_train"] == params["NUM_IMAGES"] and metrics["num_test"] == params["NUM_TEST"]
+    assert metrics["image_shape"] == [3, 32, 32] and metrics["view_shape"] == [3, 32, 32]
+    counts = metrics["train_class_counts"]
+    assert sum(counts) == params["NUM_IMAGES"] and max(counts) - min(counts) <= 1, counts
+    assert isinstance(metrics["device"], str) and metrics["device"]
+    assert _finite_number(metrics["augment_ms_per_256"]) and metrics["augment_ms_per_256"] > 0
+    # raw pixels are a poor representation of shapes: at most a little above chance
+    assert _is_percent(metrics["raw_pixel_knn_acc"]) and metrics["raw_pixel_knn_acc"] < 50
+    for name in ("dataset_grid", "augmented_views", "single_augmentations", "pixel_neighbours"):
+        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+
+
 #: Notebook name -> its checker (defined above).
 CHECKS: dict[str, Callable[[dict, Path], None]] = {
+    "00_setup_and_data": check_00,
     "01_margin_contrastive_loss": check_01,
 }
 
