@@ -52,6 +52,9 @@ CI_PARAMETERS: dict[str, dict] = {
     "00_setup_and_data": {"NUM_IMAGES": 500, "NUM_TEST": 200},
     "01_margin_contrastive_loss": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "EPOCHS": 1, "BATCH_SIZE": 64,
                                    "NUM_SHOW": 128},
+    "10_beyond_moco": {"NUM_IMAGES": 256, "NUM_TEST": 100, "WIDTH": 8, "CMC_WIDTH": 4, "STUDENT_WIDTH": 4, "K": 128,
+                       "EPOCHS": 1, "BATCH_SIZE": 64, "MOCHI_N_HARD": 16, "MOCHI_S": 16, "MOCHI_S_PRIME": 4,
+                       "MOCHI_WARMUP_EPOCHS": 0, "NUM_CLUSTERS": 4, "RECLUSTER_EVERY": 2, "KNN_K": 20},
 }
 
 
@@ -94,10 +97,24 @@ def check_00(metrics: dict, output_dir: Path) -> None:
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
 
+def check_10(metrics: dict, output_dir: Path) -> None:
+    for key in ("moco_knn_acc", "cmc_knn_acc", "mochi_knn_acc", "debiased_knn_acc", "cluster_knn_acc",
+                "teacher_knn_acc", "crd_student_knn_acc", "l2_student_knn_acc"):
+        assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
+    assert metrics["teacher_knn_acc"] == metrics["moco_knn_acc"], "the teacher is the MoCo encoder"
+    for key in ("false_negative_rate_before", "false_negative_rate_after"):
+        assert _finite_number(metrics[key]) and 0.0 <= metrics[key] <= 1.0, f"{key} = {metrics[key]!r}"
+    # MoCHi mixes the hardest keys (and the query): its negatives are harder than the queue's on average
+    assert metrics["mochi_synthetic_sim_mean"] > metrics["mochi_queue_sim_mean"]
+    for name in ("lab_views", "mochi_similarities", "knn_summary"):
+        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+
+
 #: Notebook name -> its checker (defined above).
 CHECKS: dict[str, Callable[[dict, Path], None]] = {
     "00_setup_and_data": check_00,
     "01_margin_contrastive_loss": check_01,
+    "10_beyond_moco": check_10,
 }
 
 #: Seconds a notebook may take at CI size before the test fails.
