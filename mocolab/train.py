@@ -36,7 +36,7 @@ from .device import get_device, seed_everything
 from .evaluate import knn_accuracy, extract_features
 from .progress import progress
 
-__all__ = ["TrainConfig", "fit", "NonFiniteLossError", "make_optimizer", "lr_at", "pretrain", "resolve_config",
+__all__ = ["TrainConfig", "fit", "train_step", "NonFiniteLossError", "make_optimizer", "lr_at", "pretrain", "resolve_config",
            "build_model", "PRESETS", "VERSIONS", "PretrainResult"]
 
 
@@ -138,6 +138,30 @@ def _set_rng_state(rng, r: int, W: int, gen: torch.Generator, aug_gen: torch.Gen
               f"on {dev.type}; it restarts from the seed")
     if dev.type == "cuda" and "cuda" in mine:
         torch.cuda.set_rng_state(mine["cuda"], dev)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, im_q: torch.Tensor, im_k: torch.Tensor,
+               index: torch.Tensor | None = None, *, lr: float | None = None, amp: bool = False):
+    """One optimisation step of :func:`fit`: forward, loss, backward, SGD update.
+
+    The loss is averaged over processes (one scalar all-reduce under ``torchrun``) and read
+    once; if it is not finite the update is skipped, so the caller can stop cleanly.
+
+    Returns:
+        ``(loss_value, logits, labels)``, logits detached.
+    """
+    if lr is not None:
+        for g in opt.param_groups:
+            g["lr"] = lr
+    with torch.autocast(im_q.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits, labels = model(im_q, im_k, index=index)
+        loss = model.criterion(logits.float(), labels)
+    lv = float(distributed.all_reduce_mean(loss.detach()))  # one sync; the same value on every rank
+    if math.isfinite(lv):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return lv, logits.detach(), labels
 
 
 def fit(model: nn.Module, images: torch.Tensor, augment: nn.Module, config: TrainConfig | None = None, *,
@@ -267,28 +291,20 @@ def fit(model: nn.Module, images: torch.Tensor, augment: nn.Module, config: Trai
                     im_q = im_q.contiguous(memory_format=torch.channels_last)
                     im_k = im_k.contiguous(memory_format=torch.channels_last)
                 lr = lr_at(config, step, total)
-                for g in opt.param_groups:
-                    g["lr"] = lr
                 if hasattr(model, "set_progress"):
                     model.set_progress(step, total)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                    logits, labels = model(im_q, im_k, index=index_all[idx])
-                    loss = model.criterion(logits.float(), labels)
-                lv = float(distributed.all_reduce_mean(loss.detach()))  # one sync; the same value on every rank
+                lv, logits, labels = train_step(model, opt, im_q, im_k, index_all[idx], lr=lr, amp=amp)
                 if not math.isfinite(lv):
                     last = f"; the checkpoint of epoch {epoch - 1} at {checkpoint} is intact" \
                         if checkpoint is not None and epoch > 1 else ""
                     raise NonFiniteLossError(f"the loss became {lv} at epoch {epoch}, step {step}; lower the "
                                              f"learning rate (now {lr:.4g}) or raise the temperature{last}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
                 loss_sum += lv * b
-                correct += (logits.detach().argmax(dim=1) == labels).sum()
+                correct += (logits.argmax(dim=1) == labels).sum()
                 count += logits.shape[0]
                 hist["step_loss"].append(lv)
                 if on_step is not None:
-                    on_step(SimpleNamespace(model=model, step=step, epoch=epoch, loss=lv, logits=logits.detach(),
+                    on_step(SimpleNamespace(model=model, step=step, epoch=epoch, loss=lv, logits=logits,
                                             labels=labels, index=idx, im_q=im_q, im_k=im_k))
                 step += 1
                 bar.update(1)
