@@ -52,6 +52,10 @@ CI_PARAMETERS: dict[str, dict] = {
     "00_setup_and_data": {"NUM_IMAGES": 500, "NUM_TEST": 200},
     "01_margin_contrastive_loss": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "EPOCHS": 1, "BATCH_SIZE": 64,
                                    "NUM_SHOW": 128},
+    "04_queue_without_momentum": {"NUM_TRAIN": 256, "NUM_TEST": 64, "WIDTH": 4, "EPOCHS": 2, "BATCH_SIZE": 64,
+                                  "K": 128},
+    "05_momentum_encoder": {"NUM_TRAIN": 256, "NUM_TEST": 64, "WIDTH": 4, "EPOCHS": 1, "BATCH_SIZE": 64, "K": 128},
+    "06_shuffle_bn": {"NUM_TRAIN": 256, "NUM_TEST": 64, "WIDTH": 4, "EPOCHS": 2, "BATCH_SIZE": 64, "K": 128},
     "10_beyond_moco": {"NUM_IMAGES": 256, "NUM_TEST": 100, "WIDTH": 8, "CMC_WIDTH": 4, "STUDENT_WIDTH": 4, "K": 128,
                        "EPOCHS": 1, "BATCH_SIZE": 64, "MOCHI_N_HARD": 16, "MOCHI_S": 16, "MOCHI_S_PRIME": 4,
                        "MOCHI_WARMUP_EPOCHS": 0, "NUM_CLUSTERS": 4, "RECLUSTER_EVERY": 2, "KNN_K": 20},
@@ -110,10 +114,58 @@ def check_10(metrics: dict, output_dir: Path) -> None:
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
 
+def check_04(metrics: dict, output_dir: Path) -> None:
+    params = CI_PARAMETERS["04_queue_without_momentum"]
+    for run in ("m0", "m099"):
+        for key in ("knn_acc", "pretext_acc", "key_identification"):
+            assert _is_percent(metrics[f"{key}_{run}"]), f"{key}_{run} = {metrics[f'{key}_{run}']!r}"
+        assert -1.0 <= metrics[f"key_consistency_{run}"] <= 1.0 + 1e-6
+        assert len(metrics[f"loss_{run}"]) == params["EPOCHS"] and all(_finite_number(v) for v in metrics[f"loss_{run}"])
+        assert metrics[f"knn_acc_{run}"] == metrics[f"knn_curve_{run}"][-1]
+        ages = metrics[f"consistency_by_age_{run}"]
+        assert len(ages) == math.ceil(params["K"] / params["BATCH_SIZE"]), ages  # the probe covers the whole queue
+        # the newest keys were written by the key encoder as it is now: recomputing them gives the same keys
+        assert abs(ages[0] - 1.0) < 1e-4, ages
+    assert metrics["chance_loss"] == math.log(params["K"] + 1)
+    for name in ("curves_m0_vs_momentum", "step_loss", "consistency_by_age"):
+        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+
+
+def check_05(metrics: dict, output_dir: Path) -> None:
+    params = CI_PARAMETERS["05_momentum_encoder"]
+    sweep = metrics["momentum_sweep"]
+    assert list(sweep) == ["0", "0.9", "0.99", "0.999"], list(sweep)
+    for m, row in sweep.items():
+        assert _is_percent(row["knn_acc"]) and _is_percent(row["key_identification"]), (m, row)
+        assert -1.0 <= row["key_consistency"] <= 1.0 + 1e-6, (m, row)
+        assert len(row["knn_curve"]) == params["EPOCHS"], (m, row)
+    assert metrics["total_steps"] == params["EPOCHS"] * (params["NUM_TRAIN"] // params["BATCH_SIZE"])
+    # after a few steps an m = 0.999 key encoder has hardly moved: its queue is consistent, at least as m = 0's
+    assert sweep["0.999"]["key_consistency"] > 0.999, sweep["0.999"]
+    assert sweep["0.999"]["key_consistency"] >= sweep["0"]["key_consistency"] - 1e-6
+    assert metrics["best_m_knn"] in sweep
+    for name in ("momentum_sweep", "consistency_by_age", "curves_per_m"):
+        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+
+
+def check_06(metrics: dict, output_dir: Path) -> None:
+    params = CI_PARAMETERS["06_shuffle_bn"]
+    for run in ("no_shuffle", "shuffle"):
+        assert _is_percent(metrics[f"pretext_acc_{run}"]) and _is_percent(metrics[f"knn_acc_{run}"]), run
+        assert len(metrics[f"pretext_curve_{run}"]) == params["EPOCHS"] == len(metrics[f"loss_{run}"])
+        assert metrics[f"pretext_acc_{run}"] == metrics[f"pretext_curve_{run}"][-1]
+        assert all(_finite_number(v) for v in metrics[f"loss_{run}"])
+    assert metrics["bn_group_size"] == params["BATCH_SIZE"] // 8  # the notebook's BN_SPLITS = 8
+    assert (output_dir / "shuffle_vs_no_shuffle.png").stat().st_size > 0
+
+
 #: Notebook name -> its checker (defined above).
 CHECKS: dict[str, Callable[[dict, Path], None]] = {
     "00_setup_and_data": check_00,
     "01_margin_contrastive_loss": check_01,
+    "04_queue_without_momentum": check_04,
+    "05_momentum_encoder": check_05,
+    "06_shuffle_bn": check_06,
     "10_beyond_moco": check_10,
 }
 
