@@ -56,6 +56,11 @@ CI_PARAMETERS: dict[str, dict] = {
                                   "K": 128},
     "05_momentum_encoder": {"NUM_TRAIN": 256, "NUM_TEST": 64, "WIDTH": 4, "EPOCHS": 1, "BATCH_SIZE": 64, "K": 128},
     "06_shuffle_bn": {"NUM_TRAIN": 256, "NUM_TEST": 64, "WIDTH": 4, "EPOCHS": 2, "BATCH_SIZE": 64, "K": 128},
+    "08_evaluating_representations": {"NUM_IMAGES": 256, "NUM_TEST": 200, "WIDTH": 16, "EPOCHS": 1, "BATCH_SIZE": 128,
+                                      "K": 256, "PROBE_EPOCHS": 5, "LABELS_PER_CLASS": [1, 10],
+                                      "TRANSFER_NUM_IMAGES": 200, "TRANSFER_NUM_TEST": 100},
+    "09_looking_inside": {"NUM_IMAGES": 256, "NUM_EVAL": 128, "PROBE_BATCH": 64, "WIDTH": 16, "K": 128, "EPOCHS": 1,
+                          "BATCH_SIZE": 64, "EMBEDDING_METHOD": "pca", "GALLERY_QUERIES": 2},
     "10_beyond_moco": {"NUM_IMAGES": 256, "NUM_TEST": 100, "WIDTH": 8, "CMC_WIDTH": 4, "STUDENT_WIDTH": 4, "K": 128,
                        "EPOCHS": 1, "BATCH_SIZE": 64, "MOCHI_N_HARD": 16, "MOCHI_S": 16, "MOCHI_S_PRIME": 4,
                        "MOCHI_WARMUP_EPOCHS": 0, "NUM_CLUSTERS": 4, "RECLUSTER_EVERY": 2, "KNN_K": 20},
@@ -114,6 +119,58 @@ def check_10(metrics: dict, output_dir: Path) -> None:
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
 
+def check_08(metrics: dict, output_dir: Path) -> None:
+    params = CI_PARAMETERS["08_evaluating_representations"]
+    for key in ("knn_acc", "random_init_knn_acc", "supervised_knn_acc", "linear_acc", "linear_acc_standardised",
+                "random_init_linear_acc", "supervised_linear_acc", "supervised_acc", "knn_monitor_acc"):
+        assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
+    assert metrics["steps"] == params["EPOCHS"] * (params["NUM_IMAGES"] // params["BATCH_SIZE"])
+    assert len(metrics["linear_probe_grid"]) == 4 and all(_is_percent(v) for v in metrics["linear_probe_grid"].values())
+    # the k sweep and the headline kNN are the same computation at k = 200
+    assert metrics["knn_k_sweep"]["moco"]["200"] == metrics["knn_acc"]
+    assert metrics["knn_k_sweep"]["random"]["200"] == metrics["random_init_knn_acc"]
+    for name, scale in metrics["feature_scale"].items():
+        assert _finite_number(scale["mean_sq_norm"]) and scale["mean_sq_norm"] > 0, name
+    eff = metrics["label_efficiency"]
+    assert sorted(eff, key=int) == [str(n) for n in params["LABELS_PER_CLASS"]], eff
+    for n, row in eff.items():
+        assert sorted(row) == ["moco", "random", "supervised"] and all(_is_percent(v) for v in row.values()), (n, row)
+    transfer_keys = [k for k in metrics if k.startswith("transfer_") and k.endswith("_acc")]
+    assert len(transfer_keys) == 6, transfer_keys
+    from mocolab.data import shared_cifar10_small
+
+    if shared_cifar10_small() is not None:
+        assert metrics["transfer_skipped"] is None, metrics["transfer_skipped"]
+    if metrics["transfer_skipped"] is None:
+        assert all(_is_percent(metrics[k]) for k in transfer_keys), {k: metrics[k] for k in transfer_keys}
+    else:
+        assert isinstance(metrics["transfer_skipped"], str) and all(metrics[k] is None for k in transfer_keys)
+    for name in ("pretraining_curves", "knn_k_sweep", "label_efficiency"):
+        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+
+
+def check_09(metrics: dict, output_dir: Path) -> None:
+    epochs = CI_PARAMETERS["09_looking_inside"]["EPOCHS"]
+    for key in ("alignment_history", "uniformity_history", "pos_sim_history", "neg_sim_history",
+                "collapse_std_history", "collapse_std_no_negatives_history"):
+        assert len(metrics[key]) == epochs + 1 and all(_finite_number(v) for v in metrics[key]), key
+    assert all(0.0 <= v <= 4.0 for v in metrics["alignment_history"])  # E‖q − k‖² on the unit sphere
+    assert all(-8.0 <= v <= 1e-6 for v in metrics["uniformity_history"])  # log E exp(−2‖x − y‖²), ‖x − y‖² ≤ 4
+    for key in ("pos_sim_mean", "neg_sim_mean"):
+        assert -1.0 <= metrics[key] <= 1.0, key
+    assert metrics["pos_sim_mean"] == metrics["pos_sim_history"][-1]
+    # at epoch 0 the queue holds random unit vectors: negatives are uncorrelated with q
+    assert abs(metrics["neg_sim_history"][0]) < 0.05, metrics["neg_sim_history"]
+    # both runs start from the same weights; without negatives the features stay bunched together
+    assert metrics["collapse_std_history"][0] == metrics["collapse_std_no_negatives_history"][0]
+    assert metrics["collapse_std"] == metrics["collapse_std_history"][-1]
+    assert 0.0 <= metrics["collapse_std_no_negatives"] < metrics["collapse_std"] <= 1.0
+    assert metrics["embedding_method"] == "pca"
+    for name in ("similarity_histograms", "alignment_uniformity", "embedding_through_training", "collapse",
+                 "nearest_and_hardest"):
+        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+
+
 def check_04(metrics: dict, output_dir: Path) -> None:
     params = CI_PARAMETERS["04_queue_without_momentum"]
     for run in ("m0", "m099"):
@@ -166,6 +223,8 @@ CHECKS: dict[str, Callable[[dict, Path], None]] = {
     "04_queue_without_momentum": check_04,
     "05_momentum_encoder": check_05,
     "06_shuffle_bn": check_06,
+    "08_evaluating_representations": check_08,
+    "09_looking_inside": check_09,
     "10_beyond_moco": check_10,
 }
 
