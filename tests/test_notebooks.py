@@ -61,6 +61,7 @@ CI_PARAMETERS: dict[str, dict] = {
                                       "TRANSFER_NUM_IMAGES": 200, "TRANSFER_NUM_TEST": 100},
     "09_looking_inside": {"NUM_IMAGES": 256, "NUM_EVAL": 128, "PROBE_BATCH": 64, "WIDTH": 16, "K": 128, "EPOCHS": 1,
                           "BATCH_SIZE": 64, "EMBEDDING_METHOD": "pca", "GALLERY_QUERIES": 2},
+    "07_moco_full": {"NUM_IMAGES": 128, "EPOCHS": 2, "BATCH_SIZE": 32, "K": 128, "KNN_EVERY": 1},
     "10_beyond_moco": {"NUM_IMAGES": 256, "NUM_TEST": 100, "WIDTH": 8, "CMC_WIDTH": 4, "STUDENT_WIDTH": 4, "K": 128,
                        "EPOCHS": 1, "BATCH_SIZE": 64, "MOCHI_N_HARD": 16, "MOCHI_S": 16, "MOCHI_S_PRIME": 4,
                        "MOCHI_WARMUP_EPOCHS": 0, "NUM_CLUSTERS": 4, "RECLUSTER_EVERY": 2, "KNN_K": 20},
@@ -117,6 +118,25 @@ def check_10(metrics: dict, output_dir: Path) -> None:
     assert metrics["mochi_synthetic_sim_mean"] > metrics["mochi_queue_sim_mean"]
     for name in ("lab_views", "mochi_similarities", "knn_summary"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
+
+
+def check_07(metrics: dict, output_dir: Path) -> None:
+    params = CI_PARAMETERS["07_moco_full"]
+    assert _is_percent(metrics["knn_acc"]) and metrics["knn_acc"] == metrics["knn_history"][-1][1]
+    assert [e for e, _ in metrics["knn_history"]] == list(range(1, params["EPOCHS"] + 1))
+    assert len(metrics["loss_history"]) == params["EPOCHS"] and all(_finite_number(v) for v in metrics["loss_history"])
+    assert _finite_number(metrics["images_per_second"]) and metrics["images_per_second"] > 0
+    assert isinstance(metrics["device"], str) and metrics["device"]
+    assert metrics["queue_fill_step"] == math.ceil(params["K"] / params["BATCH_SIZE"])
+    assert metrics["config"]["preset"] == "cifar10-colab" and metrics["config"]["K"] == params["K"]
+    assert sorted(metrics["compare"]) == ["recipe", "symmetric", "v1", "v2"]
+    for name, run in metrics["compare"].items():
+        assert _is_percent(run["knn_acc"]) and run["seconds"] > 0 and run["images_per_second"] > 0, name
+    assert metrics["compare"]["recipe"]["knn_acc"] == metrics["knn_acc"]
+    assert _is_percent(metrics["backbone_knn_acc"])
+    for name in ("knn_and_loss.png", "v1_v2_symmetric.png", "backbone.pt", "recipe/checkpoint.pt",
+                 "recipe/metrics.json", "v2/checkpoint.pt"):
+        assert (output_dir / name).stat().st_size > 0, name
 
 
 def check_08(metrics: dict, output_dir: Path) -> None:
@@ -223,6 +243,7 @@ CHECKS: dict[str, Callable[[dict, Path], None]] = {
     "04_queue_without_momentum": check_04,
     "05_momentum_encoder": check_05,
     "06_shuffle_bn": check_06,
+    "07_moco_full": check_07,
     "08_evaluating_representations": check_08,
     "09_looking_inside": check_09,
     "10_beyond_moco": check_10,
