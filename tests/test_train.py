@@ -169,3 +169,31 @@ def test_pretrain_writes_metrics_and_checkpoint(tmp_path):
         pretrain(dict(limit=64, epochs=1, batch_size=32, K=64, out=str(out)), verbose=False)
     with pytest.raises(CheckpointError, match="other settings.*K=64"):
         pretrain(dict(limit=64, epochs=1, batch_size=32, K=96, out=str(out), resume=True), verbose=False)
+
+
+def test_amp_and_channels_last_on_the_cpu():
+    """bf16 autocast (the GPU path's setting) runs on the CPU too and keeps the queue in float32."""
+    images, _ = data(16)
+    model = moco()
+    hist = fit(model, images, BatchAugment(16), TrainConfig(epochs=1, batch_size=8, amp=True, channels_last=True),
+               device="cpu", verbose=False)
+    assert all(math.isfinite(v) for v in hist["step_loss"]) and model.queue.dtype == torch.float32
+    torch.testing.assert_close(model.queue.norm(dim=0), torch.ones(32), atol=1e-2, rtol=0)
+
+
+def test_compile_option_compiles_both_encoders_in_place(monkeypatch, tmp_path):
+    """compile=True calls Module.compile (in place: the state-dict keys stay those of the plain model).
+
+    Compiling for real takes minutes on a small CPU; benchmarks/gpu_check.sh runs it on a GPU.
+    """
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    images, _ = data(16)
+    model = moco()
+    keys = set(model.state_dict())
+    fit(model, images, BatchAugment(16), TrainConfig(epochs=1, batch_size=8, compile=True), device="cpu",
+        verbose=False, checkpoint=tmp_path / "c.pt")
+    assert compiled == [model.encoder_q, model.encoder_k]
+    from mocolab.checkpoint import load_checkpoint
+
+    assert set(load_checkpoint(tmp_path / "c.pt")["model"]) == keys
