@@ -52,6 +52,8 @@ CI_PARAMETERS: dict[str, dict] = {
     "00_setup_and_data": {"NUM_IMAGES": 500, "NUM_TEST": 200},
     "01_margin_contrastive_loss": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "EPOCHS": 1, "BATCH_SIZE": 64,
                                    "NUM_SHOW": 128},
+    "02_npair_and_infonce": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "K": 256, "EPOCHS": 1, "SWEEP_EPOCHS": 1,
+                             "BATCH_SIZE": 64, "TEMPERATURES": [0.1, 0.5], "QUEUE_SIZES": [64, 256]},
     "04_queue_without_momentum": {"NUM_TRAIN": 256, "NUM_TEST": 64, "WIDTH": 4, "EPOCHS": 2, "BATCH_SIZE": 64,
                                   "K": 128},
     "05_momentum_encoder": {"NUM_TRAIN": 256, "NUM_TEST": 64, "WIDTH": 4, "EPOCHS": 1, "BATCH_SIZE": 64, "K": 128},
@@ -89,6 +91,19 @@ def check_01(metrics: dict, output_dir: Path) -> None:
         assert len(metrics[key]) == epochs and all(_finite_number(v) for v in metrics[key]), key
     assert metrics["margin_knn_acc"] == metrics["margin_knn_curve"][-1]
     for name in ("loss_vs_distance", "pairs", "margin_embedding", "margin_vs_infonce"):
+        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+
+
+def check_02(metrics: dict, output_dir: Path) -> None:
+    params = CI_PARAMETERS["02_npair_and_infonce"]
+    assert metrics["ln_k_plus_1"] == pytest.approx(math.log(params["K"] + 1), abs=1e-9)
+    assert _finite_number(metrics["init_loss"])
+    assert abs(metrics["init_loss"] - metrics["ln_k_plus_1"]) < 1.0, (metrics["init_loss"], metrics["ln_k_plus_1"])
+    assert metrics["bound_max"] <= metrics["ln_k_plus_1"] + 1e-6  # the bound can never pass ln(K+1)
+    for key, swept in (("temperature_sweep", "TEMPERATURES"), ("negatives_sweep", "QUEUE_SIZES")):
+        assert set(metrics[key]) == {str(v) for v in params[swept]}, (key, metrics[key])
+        assert all(_is_percent(v) for v in metrics[key].values()), (key, metrics[key])
+    for name in ("bound", "temperature_sweep", "negatives_sweep"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
 
@@ -240,6 +255,7 @@ def check_06(metrics: dict, output_dir: Path) -> None:
 CHECKS: dict[str, Callable[[dict, Path], None]] = {
     "00_setup_and_data": check_00,
     "01_margin_contrastive_loss": check_01,
+    "02_npair_and_infonce": check_02,
     "04_queue_without_momentum": check_04,
     "05_momentum_encoder": check_05,
     "06_shuffle_bn": check_06,

@@ -1,0 +1,360 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · From the N-pair loss to InfoNCE: many negatives, one softmax, a temperature
+#
+# **Goals.** By the end of this notebook you can
+#
+# - lay out the InfoNCE logits as MoCo does, positive in column 0, and answer *why the labels are all zeros*;
+# - show that Sohn's N-pair loss (2016) **is** a cross-entropy over `[l_pos, l_neg]` (temperature 1);
+# - predict the loss at initialisation, `ln(K+1)`, and measure it;
+# - feel the temperature `T` with a slider, and read the bound `I(q; k) ≥ ln(K+1) − L` off a training run;
+# - measure how the temperature and the number of negatives K change what a short MoCo run learns.
+#
+# **Prerequisites.** Notebook 01 (pairs and the margin, InfoNCE with in-batch negatives).
+#
+# **Run time.** About 4 minutes at the default size on 2 CPU cores (no GPU, no download); the measured time
+# of your run is printed at the end.
+
+# %% tags=["parameters"]
+SEED = 0                # seeds the data order, the augmentations and the weights
+DEVICE = "auto"         # "auto" (CUDA > MPS > CPU), "cpu", "cuda"
+DATASET = "shapes"      # the bundled synthetic dataset; "cifar10", "stl10" or an ImageFolder path also work
+NUM_TRAIN = 2000        # training images (also the kNN bank)
+NUM_TEST = 500          # test images (the kNN queries)
+WIDTH = 16              # ConvNet width w (channels w, 2w, 4w, 8w)
+DIM = 128               # C, the feature dimension of q and k
+K = 4096                # queue size (number of negatives) of the main run
+T = 0.1                 # temperature of the main run
+M = 0.99                # momentum of the key encoder
+EPOCHS = 4              # epochs of the main run (the bound on the mutual information)
+BATCH_SIZE = 128        # N, images per step
+LR = 0.06               # SGD learning rate (cosine decay)
+SWEEP_EPOCHS = 2        # epochs of each short run in the two sweeps
+TEMPERATURES = [0.05, 0.1, 0.2, 0.5]  # T values of the temperature sweep (at queue size K)
+QUEUE_SIZES = [128, 512, 4096]        # K values of the negatives sweep (at temperature T); each K >= BATCH_SIZE
+OUTPUT_DIR = "runs/02_npair_and_infonce"  # figures and metrics.json go here
+
+# %% [markdown]
+# ## Setup
+#
+# Imports, the device, the seed and the data. Labels are used only by the kNN evaluation.
+
+# %%
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+import mocolab
+from mocolab.train import TrainConfig, fit
+
+t_start, cpu_start = time.perf_counter(), time.process_time()
+torch.set_num_threads(min(2, torch.get_num_threads()))
+out = Path(OUTPUT_DIR)
+out.mkdir(parents=True, exist_ok=True)
+device = mocolab.get_device(DEVICE)
+mocolab.seed_everything(SEED)
+
+x_train, y_train, classes = mocolab.load_images(DATASET, "train", limit=NUM_TRAIN, seed=SEED)
+x_test, y_test, _ = mocolab.load_images(DATASET, "test", limit=NUM_TEST, seed=SEED)
+augment = mocolab.BatchAugment(image_size=x_train.shape[-1], preset="v2")
+encoder_fn = partial(mocolab.ConvNet, width=WIDTH)
+print(f"train {tuple(x_train.shape)}, test {tuple(x_test.shape)}")
+
+# %% [markdown]
+# ## The logits, and why the labels are all zeros
+#
+# A query `q` (N, C), its positive key `k` (N, C) (the other view of the same image) and K negatives, the
+# columns of `queue` (C, K). All unit vectors, so a dot product is a cosine similarity:
+#
+# - `l_pos = einsum("nc,nc->n", q, k)` → (N, 1), one positive per query;
+# - `l_neg = einsum("nc,ck->nk", q, queue)` → (N, K);
+# - `logits = cat([l_pos, l_neg], dim=1) / T` → (N, 1+K).
+#
+# The loss is a (1+K)-way classification: "which of the 1+K candidates is my positive?" Because we **put**
+# the positive in column 0 for every row, the correct class is 0 for every query: the labels are all zeros.
+# (In notebook 01 the positives sat on the diagonal of an N × N matrix, so the labels were `arange(N)`.)
+
+# %%
+g = torch.Generator().manual_seed(SEED)
+N, C, K_demo = 4, 8, 6
+q = F.normalize(torch.randn(N, C, generator=g), dim=1)  # (N, C)
+k = F.normalize(q + 0.5 * torch.randn(N, C, generator=g), dim=1)  # (N, C): close to q
+queue = F.normalize(torch.randn(C, K_demo, generator=g), dim=0)  # (C, K)
+
+l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
+l_neg = torch.einsum("nc,ck->nk", q, queue)  # (N, K)
+logits = torch.cat([l_pos, l_neg], dim=1) / T  # (N, 1+K)
+labels = torch.zeros(N, dtype=torch.long)  # the positive is column 0 of every row
+
+lib_logits, lib_labels = mocolab.infonce_logits(q, k, queue, T=T)
+torch.testing.assert_close(lib_logits, logits)
+assert torch.equal(lib_labels, labels)
+print("logits (N, 1+K) =", tuple(logits.shape), " labels =", labels.tolist())
+print("InfoNCE loss:", F.cross_entropy(logits, labels).item())
+
+# %% [markdown]
+# ## The N-pair loss is a softmax cross-entropy
+#
+# Sohn (2016) writes the loss of an anchor `f` with positive `f⁺` and negatives `fᵢ` as
+#
+# `log(1 + Σᵢ exp(fᵀfᵢ − fᵀf⁺))`
+#
+# Multiply inside the log by `exp(fᵀf⁺)` and it becomes `−log[exp(fᵀf⁺) / (exp(fᵀf⁺) + Σᵢ exp(fᵀfᵢ))]`:
+# a cross-entropy over `[l_pos, l_neg]` with the positive at index 0 and **T = 1**. InfoNCE
+# (van den Oord et al. 2018) is the same expression with the logits divided by a temperature T.
+# We check this numerically: the N-pair loss with per-query negatives `(N, K, C)`, a cross-entropy written
+# by hand, and `mocolab.infonce_loss(..., T=1)`.
+
+# %%
+negatives = queue.t().unsqueeze(0).expand(N, K_demo, C)  # (N, K, C): the same K negatives for every query
+npair = mocolab.npair_loss(q, k, negatives)
+by_hand = F.cross_entropy(torch.cat([l_pos, l_neg], dim=1), labels)  # T = 1
+naive = torch.stack([torch.log1p(torch.exp(l_neg[i] - l_pos[i]).sum()) for i in range(N)]).mean()  # Sohn's form
+torch.testing.assert_close(npair, by_hand)
+torch.testing.assert_close(npair, naive)
+torch.testing.assert_close(npair, mocolab.infonce_loss(q, k, queue, T=1.0))
+print(f"N-pair loss = cross-entropy on [l_pos, l_neg] = InfoNCE at T = 1: {npair.item():.4f}")
+
+# %% [markdown]
+# ## The temperature, interactively
+#
+# `p = softmax(logits)` with `logits = [l_pos, l_neg] / T`. A small T sharpens the softmax: the loss then
+# concentrates on the few negatives most similar to the query (the *hard* ones); a large T spreads the
+# probability and every negative counts about equally. Move the slider: the bars are the probabilities
+# of one query's 1 + K candidates (the positive in green), below them the entropy and the loss.
+
+# %%
+import mocolab.widgets
+
+mocolab.widgets.temperature_explorer(T=0.1, K=16)
+
+# %% [markdown]
+# Notice that at a very large T the loss tends to `ln(K+1)` whatever the similarities are (all candidates
+# look alike), and at a very small T it is decided by the single largest negative.
+
+# %% [markdown]
+# ## The loss at initialisation is about ln(K+1)
+#
+# If the features carry no information about which candidate is the positive, every one of the 1 + K
+# candidates gets probability `1/(K+1)` and `L = −log(1/(K+1)) = ln(K+1)`. For **identical** features
+# (all similarities equal) this is exact; we check that first. Then we measure it on a random-init MoCo
+# model (`mocolab.MoCo`, ConvNet encoder) whose queue we fill with real keys from its own random key
+# encoder, as it would hold after the first K/N steps.
+#
+# One detail about the queue: the official MoCo starts it with *random unit vectors*, which are far from
+# every real feature, so the loss at step 0 is much lower than ln(K+1) and rises while the queue fills with
+# real keys (the MoCo CIFAR-10 demo's log shows this rise, REFERENCE.md). Filling it first makes
+# `ln(K+1) − L` meaningful from the first step.
+
+# %%
+same = F.normalize(torch.ones(N, C), dim=1)
+torch.testing.assert_close(mocolab.infonce_loss(same, same, same[:1].t().expand(C, K_demo).contiguous(), T=T),
+                           torch.tensor(math.log(K_demo + 1)))
+
+
+@torch.no_grad()
+def fill_queue(model, generator):
+    """Fill the whole queue with keys of augmented training images from the current key encoder."""
+    was_training = model.training
+    model.train()
+    for start in range(0, model.queue.shape[1], BATCH_SIZE):
+        idx = torch.randint(0, len(x_train), (BATCH_SIZE,), generator=generator)
+        model.enqueue(model._keys(augment(x_train[idx].to(device), generator=generator)))
+    model.train(was_training)
+
+
+def make_moco(T, K, seed=SEED):
+    mocolab.seed_everything(seed)
+    model = mocolab.MoCo(encoder_fn, dim=DIM, K=K, m=M, T=T).to(device)
+    fill_queue(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+model = make_moco(T, K)
+with torch.no_grad():
+    idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(SEED))[:BATCH_SIZE]
+    views_gen = torch.Generator().manual_seed(SEED + 1)
+    im_q, im_k = augment(x_train[idx].to(device), generator=views_gen), augment(x_train[idx].to(device), generator=views_gen)
+    k_init = model._keys(im_k)  # (N, C)
+    q_init = F.normalize(model.encoder_q(im_q), dim=1)  # (N, C)
+    init_loss = mocolab.infonce_loss(q_init, k_init, model.negatives(), T=T).item()
+    stats = mocolab.similarity_stats(q_init, k_init, model.negatives())
+ln_k_plus_1 = math.log(K + 1)
+print(f"K = {K}: ln(K+1) = {ln_k_plus_1:.3f}, loss of the random-init model = {init_loss:.3f}")
+print(f"mean cosine with the positive {stats['pos_mean']:.3f}, with the negatives {stats['neg_mean']:.3f}")
+assert abs(init_loss - ln_k_plus_1) < 1.0, "the loss at initialisation should be within 1 nat of ln(K+1)"
+
+# %% [markdown]
+# The measured loss sits close to `ln(K+1)`, and the printed similarities say why it is not exactly there:
+# even a random ConvNet maps two views of one image to somewhat closer features than two different images
+# (they share most pixels), so the random-init model is already a weak instance discriminator.
+
+# %% [markdown]
+# ## Training, and the bound on the mutual information
+#
+# For InfoNCE with K negatives, van den Oord et al. (2018) show `I(q; k) ≥ ln(K+1) − L`: the lower the
+# loss, the more information the two views' features provably share, **but never more than ln(K+1)**
+# nats, however good the encoder. Below we train the MoCo model above for `EPOCHS` epochs with `fit` and
+# plot `ln(K+1) − L` for every step (`step_loss`), with the kNN accuracy after every epoch.
+
+# %%
+config = TrainConfig(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, seed=SEED)
+eval_data = (x_train, y_train, x_test, y_test)
+hist = fit(model, x_train, augment, config, eval_data=eval_data, device=device, desc=f"MoCo T={T} K={K}")
+bound = [ln_k_plus_1 - loss for loss in hist["step_loss"]]
+knn_main = hist["knn_acc"][-1]
+print(f"loss {hist['step_loss'][0]:.3f} -> {hist['step_loss'][-1]:.3f}; bound {bound[0]:.3f} -> {bound[-1]:.3f} nats "
+      f"(ceiling ln(K+1) = {ln_k_plus_1:.3f}); kNN {hist['knn_acc']} %")
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+axes[0].plot(bound, label="ln(K+1) − L (per step)")
+axes[0].axhline(ln_k_plus_1, color="grey", linestyle=":", label="ceiling ln(K+1)")
+axes[0].axhline(0, color="black", linewidth=0.5)
+axes[0].set_xlabel("step"), axes[0].set_ylabel("nats"), axes[0].legend(fontsize="small")
+axes[0].set_title("InfoNCE lower bound on I(q; k)")
+axes[1].plot([0] + hist["knn_epoch"], [mocolab.evaluate_knn(encoder_fn(num_classes=DIM).to(device), *eval_data)]
+             + hist["knn_acc"], marker="o")
+axes[1].axhline(100 / len(classes), color="grey", linestyle=":", label="chance")
+axes[1].set_xlabel("epoch (0: a random-init encoder)"), axes[1].set_ylabel("kNN accuracy (%)"), axes[1].legend()
+for ax in axes:
+    ax.grid(alpha=0.3)
+fig.tight_layout()
+fig.savefig(out / "bound.png", dpi=100, bbox_inches="tight")
+
+# %% [markdown]
+# Notice where the bound starts (near 0: the loss starts near ln(K+1)) and that it can never pass the
+# dotted ceiling: to certify more information one needs more negatives, which is one reason MoCo wants
+# a large K. The bound is a statement about the pretext task; the kNN panel shows what it bought for
+# recognising shapes.
+
+# %% [markdown]
+# ## Sweeping the temperature
+#
+# Short runs (`SWEEP_EPOCHS` epochs each) that differ only in T, at queue size K, each starting from the same
+# initial weights. The measure is the kNN accuracy after the run.
+#
+# For comparison, MoCo v2 (Chen et al. 2020, REFERENCE.md) reports ImageNet linear-probe top-1 of a ResNet-50
+# after 200 epochs for several T. Their *linear head* row (like our encoder's single `fc`) is drawn beside our
+# numbers; it comes from a different dataset, network, training length and evaluation (linear probe vs
+# kNN), so compare the **shape** of the curves, not the levels.
+
+# %%
+runs = {(T, K): knn_main} if SWEEP_EPOCHS == EPOCHS else {}
+
+
+def short_run(T_run, K_run):
+    if (T_run, K_run) not in runs:
+        m_run = make_moco(T_run, K_run)
+        h = fit(m_run, x_train, augment, TrainConfig(epochs=SWEEP_EPOCHS, batch_size=BATCH_SIZE, lr=LR, knn_every=0,
+                                                      seed=SEED), eval_data=eval_data, device=device,
+                desc=f"T={T_run} K={K_run}", verbose=False)
+        runs[(T_run, K_run)] = h["knn_acc"][-1]
+    return runs[(T_run, K_run)]
+
+
+temperature_sweep = {t: short_run(t, K) for t in TEMPERATURES}
+print("kNN accuracy (%) by temperature:", temperature_sweep)
+
+moco_v2_linear_head = {0.07: 60.6, 0.1: 60.7, 0.2: 59.0, 0.3: 58.2, 0.4: 57.2, 0.5: 56.4}
+fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
+mocolab.plot_sweep(temperature_sweep, "temperature T", "kNN accuracy (%)", ax=ax[0], categorical=True,
+                   label=f"this notebook ({DATASET}, ConvNet, {SWEEP_EPOCHS} ep, kNN)",
+                   title=f"measured, K = {K}")
+mocolab.plot_sweep(moco_v2_linear_head, "temperature T", "ImageNet linear top-1 (%)", ax=ax[1], categorical=True,
+                   label="MoCo v2 paper, linear head (R50, 200 ep)", title="published (not measured here)")
+fig.tight_layout()
+fig.savefig(out / "temperature_sweep.png", dpi=100, bbox_inches="tight")
+
+# %% [markdown]
+# The two panels have different y-axes on purpose: a few kNN points on `shapes` and ImageNet linear-probe
+# accuracy are not on one scale. In the paper the linear-head model is best at small T (0.07 to 0.1) and
+# degrades slowly as T grows; read off the left panel whether our short runs agree, and remember that
+# with a couple of epochs and one seed, differences of a point or two are noise.
+
+# %%
+best_T = max(temperature_sweep, key=temperature_sweep.get)
+print(f"best T in this run: {best_T} ({temperature_sweep[best_T]:.1f} %); "
+      f"spread across T: {max(temperature_sweep.values()) - min(temperature_sweep.values()):.1f} points")
+
+# %% [markdown]
+# ## Sweeping the number of negatives K
+#
+# Now T is fixed and the queue size changes. A larger K means more negatives in every softmax (a higher
+# ceiling `ln(K+1)` and a finer-grained task), at the cost of older keys in the queue. Here the queue is
+# filled before training, so every K starts with real keys. (A MoCo queue must hold at least one batch of
+# keys, so K ≥ `BATCH_SIZE`.) When K exceeds the number of training images
+# (`NUM_TRAIN`), the queue holds older keys of the query's own image among its negatives.
+
+# %%
+negatives_sweep = {K_run: short_run(T, K_run) for K_run in QUEUE_SIZES}
+print("kNN accuracy (%) by queue size K:", negatives_sweep)
+fig = mocolab.plot_sweep(negatives_sweep, "queue size K (negatives per query)", "kNN accuracy (%)", xscale="log",
+                         label=f"this notebook ({SWEEP_EPOCHS} ep, T = {T})", title="number of negatives")
+fig.savefig(out / "negatives_sweep.png", dpi=100, bbox_inches="tight")
+
+# %% [markdown]
+# Notice the trend across K at this short budget. The MoCo paper (ImageNet, 200 epochs) finds accuracy
+# rising with K up to 65536 for MoCo and the memory bank alike; a couple of epochs on a few thousand
+# images is a much smaller experiment, so a flat or noisy curve here is not a contradiction.
+
+# %%
+seconds, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
+metrics = {
+    "init_loss": init_loss,
+    "ln_k_plus_1": ln_k_plus_1,
+    "K": K,
+    "init_pos_mean": stats["pos_mean"],
+    "init_neg_mean": stats["neg_mean"],
+    "main_knn_acc": knn_main,
+    "main_knn_curve": hist["knn_acc"],
+    "bound_first": bound[0],
+    "bound_last": bound[-1],
+    "bound_max": max(bound),
+    "temperature_sweep": {str(t): v for t, v in temperature_sweep.items()},
+    "negatives_sweep": {str(k): v for k, v in negatives_sweep.items()},
+    "sweep_epochs": SWEEP_EPOCHS,
+    "seconds": seconds,
+    "cpu_seconds": cpu_seconds,
+    "device": str(device),
+}
+(out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+print(f"wrote {out / 'metrics.json'}; notebook ran in {seconds:.0f} s "
+      f"({cpu_seconds:.0f} s of CPU time over all threads)")
+
+# %% [markdown]
+# ## Summary
+#
+# - InfoNCE is a (1+K)-way cross-entropy; with the positive placed in column 0 the labels are all zeros.
+# - The N-pair loss is the same cross-entropy with T = 1; InfoNCE adds the temperature.
+# - With uninformative features the loss is `ln(K+1)`; this run measured the random-init value above.
+# - `ln(K+1) − L` lower-bounds the mutual information between the views' features, and can never exceed
+#   `ln(K+1)`: more negatives raise the ceiling.
+# - The temperature decides how much the hardest negatives dominate; the sweeps above measured its effect,
+#   and that of K, on a short run. The next notebook asks where the K negatives should come from when
+#   they cannot all be computed fresh: a memory bank.
+#
+# ## Exercises
+#
+# 1. Start the queue with random unit vectors (skip `fill_queue`) and train for one epoch. Plot the loss per
+#    step: why does it rise at first? (Compare with the MoCo CIFAR-10 log in REFERENCE.md.)
+# 2. Run the temperature sweep with `mlp=True` in `make_moco` (MoCo v2's MLP head). Does the best T move
+#    towards 0.2, as in the paper's MLP-head row?
+# 3. Show that `∂L/∂l_neg[j] = p_j / T`: compute the gradient of `F.cross_entropy(logits, labels)` with
+#    respect to `l_neg` with autograd and compare. Which negatives get the largest gradient at small T?
