@@ -113,6 +113,21 @@ def _eval_encoder(model: nn.Module) -> nn.Module:
     return getattr(enc, "module", enc)  # not through DistributedDataParallel (rank 0 evaluates alone)
 
 
+def _plain(obj):
+    """``obj`` with numbers, strings, lists, dicts and tensors only (what ``weights_only=True`` loads back)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return obj.tolist()
+    return str(obj)
+
+
 def _rng_state(gen: torch.Generator, aug_gen: torch.Generator, dev: torch.device) -> dict:
     """This process's random-number states, as uint8 tensors (loadable with ``weights_only=True``)."""
     state = {"torch": torch.get_rng_state(), "batch_order": gen.get_state(), "augment": aug_gen.get_state(),
@@ -184,7 +199,8 @@ def fit(model: nn.Module, images: torch.Tensor, augment: nn.Module, config: Trai
         device: ``"auto"`` or a device.
         on_step: ``on_step(state)`` after every step; ``state`` has model, step, epoch, loss, logits,
             labels, index, im_q, im_k (the views). For measurements inside a lesson.
-        on_epoch: ``on_epoch(epoch, history)`` after every epoch (after the kNN monitor and the checkpoint).
+        on_epoch: ``on_epoch(epoch, history)`` after every epoch, after the kNN monitor and before the
+            checkpoint (what it appends to ``history`` is saved and restored on resume).
         checkpoint: write the full training state there after every epoch (atomically, rank 0 only),
             see :mod:`mocolab.checkpoint`.
         resume: a checkpoint path (or a loaded checkpoint) to continue from: model, optimizer,
@@ -241,7 +257,7 @@ def fit(model: nn.Module, images: torch.Tensor, augment: nn.Module, config: Trai
                                   f"the batch size differ")
         step, start_epoch = int(state["step"]), int(state["epoch"]) + 1
         t_train, seen = float(state.get("train_seconds", 0.0)), int(state.get("images_seen", 0))
-        hist = {k: list(v) for k, v in state["history"].items() if k in hist}
+        hist = {**hist, **{k: list(v) if isinstance(v, (list, tuple)) else v for k, v in state["history"].items()}}
         _set_rng_state(state["rng"], r, W, gen, aug_gen, dev, verbose and main)
 
     if config.channels_last:
@@ -271,7 +287,7 @@ def fit(model: nn.Module, images: torch.Tensor, augment: nn.Module, config: Trai
             return
         save_checkpoint(checkpoint, {
             "format": FORMAT, "model": clean_state_dict(model.state_dict()), "optimizer": opt.state_dict(),
-            "epoch": epoch, "step": step, "rng": rng, "history": hist, "train_seconds": t_train,
+            "epoch": epoch, "step": step, "rng": rng, "history": _plain(hist), "train_seconds": t_train,
             "images_seen": seen, "world_size": W, "device": str(dev), "train_config": config.to_dict(),
             "config": run_config if run_config is not None else config.to_dict()})
 
@@ -320,11 +336,11 @@ def fit(model: nn.Module, images: torch.Tensor, augment: nn.Module, config: Trai
             if (config.knn_every and epoch % config.knn_every == 0) or epoch == config.epochs:
                 if not hist["knn_epoch"] or hist["knn_epoch"][-1] != epoch:
                     knn(epoch)
-            save(epoch)
             bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}",
                             knn=f"{hist['knn_acc'][-1]:.1f}" if hist["knn_acc"] else "-")
             if on_epoch is not None:
                 on_epoch(epoch, hist)
+            save(epoch)  # after on_epoch, so that what it adds to the history is saved too
     finally:
         bar.close()
         distributed.unwrap_encoder_q(model)

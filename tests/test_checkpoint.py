@@ -33,12 +33,12 @@ def tiny_run(epochs, tmp_path, name, stop_after=None, resume=None, **model_kw):
     cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, knn_every=1, knn_k=5, seed=3)
     ckpt = tmp_path / name / "checkpoint.pt"
 
-    def on_epoch(epoch, hist):
-        if stop_after is not None and epoch == stop_after:
-            raise KeyboardInterrupt  # a run killed right after an epoch
+    def on_step(state):
+        if stop_after is not None and state.epoch == stop_after + 1:
+            raise KeyboardInterrupt  # a run killed during the epoch after `stop_after`
     try:
         hist = fit(model, images, BatchAugment(16), cfg, eval_data=(images, labels, images[:16], labels[:16]),
-                   device="cpu", verbose=False, checkpoint=ckpt, resume=resume, on_epoch=on_epoch)
+                   device="cpu", verbose=False, checkpoint=ckpt, resume=resume, on_step=on_step)
     except KeyboardInterrupt:
         hist = None
     return model, hist, ckpt
@@ -203,3 +203,19 @@ def test_official_checkpoint_with_wrong_arch_or_keys_is_a_clear_error(tmp_path):
     os.truncate(tmp_path / "ck.pth", 100)
     with pytest.raises(CheckpointError, match="ck.pth"):
         load_moco_checkpoint_into_resnet(tmp_path / "ck.pth", arch="resnet18")
+
+
+def test_history_added_by_callbacks_survives_a_checkpoint(tmp_path):
+    """Measurements that an on_epoch callback appends to the history (numpy numbers too) are saved and resumed."""
+    import numpy as np
+
+    def probe(epoch, hist):
+        hist.setdefault("probe", []).append(np.float32(epoch) / 2)
+    model, images = tiny_model(), tiny_data()
+    cfg = TrainConfig(epochs=1, batch_size=16, knn_every=0, seed=3)
+    ckpt = tmp_path / "p.pt"
+    fit(model, images, BatchAugment(16), cfg, device="cpu", verbose=False, checkpoint=ckpt, on_epoch=probe)
+    assert load_checkpoint(ckpt)["history"]["probe"] == [0.5]
+    hist = fit(tiny_model(), images, BatchAugment(16), TrainConfig(epochs=2, batch_size=16, knn_every=0, seed=3),
+               device="cpu", verbose=False, checkpoint=ckpt, resume=ckpt, on_epoch=probe)
+    assert hist["probe"] == [0.5, 1.0]
