@@ -54,6 +54,8 @@ CI_PARAMETERS: dict[str, dict] = {
                                    "NUM_SHOW": 128},
     "02_npair_and_infonce": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "K": 256, "EPOCHS": 1, "SWEEP_EPOCHS": 1,
                              "BATCH_SIZE": 64, "TEMPERATURES": [0.1, 0.5], "QUEUE_SIZES": [64, 256]},
+    "03_memory_bank": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "K": 256, "EPOCHS": 1, "BATCH_SIZE": 64,
+                       "NUM_STALE": 128},
     "04_queue_without_momentum": {"NUM_TRAIN": 256, "NUM_TEST": 64, "WIDTH": 4, "EPOCHS": 2, "BATCH_SIZE": 64,
                                   "K": 128},
     "05_momentum_encoder": {"NUM_TRAIN": 256, "NUM_TEST": 64, "WIDTH": 4, "EPOCHS": 1, "BATCH_SIZE": 64, "K": 128},
@@ -64,9 +66,9 @@ CI_PARAMETERS: dict[str, dict] = {
     "09_looking_inside": {"NUM_IMAGES": 256, "NUM_EVAL": 128, "PROBE_BATCH": 64, "WIDTH": 16, "K": 128, "EPOCHS": 1,
                           "BATCH_SIZE": 64, "EMBEDDING_METHOD": "pca", "GALLERY_QUERIES": 2},
     "07_moco_full": {"NUM_IMAGES": 128, "EPOCHS": 2, "BATCH_SIZE": 32, "K": 128, "KNN_EVERY": 1},
-    "10_beyond_moco": {"NUM_IMAGES": 256, "NUM_TEST": 100, "WIDTH": 8, "CMC_WIDTH": 4, "STUDENT_WIDTH": 4, "K": 128,
-                       "EPOCHS": 1, "BATCH_SIZE": 64, "MOCHI_N_HARD": 16, "MOCHI_S": 16, "MOCHI_S_PRIME": 4,
-                       "MOCHI_WARMUP_EPOCHS": 0, "NUM_CLUSTERS": 4, "RECLUSTER_EVERY": 2, "KNN_K": 20},
+    "10_beyond_moco": {"NUM_IMAGES": 128, "NUM_TEST": 64, "WIDTH": 8, "CMC_WIDTH": 4, "STUDENT_WIDTH": 4, "K": 64,
+                       "EPOCHS": 1, "BATCH_SIZE": 32, "MOCHI_N_HARD": 8, "MOCHI_S": 8, "MOCHI_S_PRIME": 2,
+                       "MOCHI_WARMUP_EPOCHS": 0, "NUM_CLUSTERS": 4, "RECLUSTER_EVERY": 2, "KNN_K": 10},
 }
 
 
@@ -104,6 +106,23 @@ def check_02(metrics: dict, output_dir: Path) -> None:
         assert set(metrics[key]) == {str(v) for v in params[swept]}, (key, metrics[key])
         assert all(_is_percent(v) for v in metrics[key].values()), (key, metrics[key])
     for name in ("bound", "temperature_sweep", "negatives_sweep"):
+        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+
+
+def check_03(metrics: dict, output_dir: Path) -> None:
+    params = CI_PARAMETERS["03_memory_bank"]
+    dim = metrics["dim"]
+    assert metrics["bank_bytes"] == params["NUM_TRAIN"] * dim * 4  # one float32 entry per training image
+    assert metrics["queue_bytes"] == params["K"] * dim * 4
+    assert metrics["bank_bytes_imagenet"] == 1_281_167 * dim * 4
+    assert metrics["bank_bytes_billion"] == 10**9 * dim * 4
+    for key in ("staleness", "view_cosine", "staleness_nce"):
+        values = metrics[key]
+        assert len(values) == params["EPOCHS"], (key, values)
+        assert all(_finite_number(v) and -1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in values), (key, values)
+    for key in ("softmax_knn_acc", "nce_knn_acc"):
+        assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
+    for name in ("memory", "staleness", "nce_vs_softmax"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
 
@@ -256,6 +275,7 @@ CHECKS: dict[str, Callable[[dict, Path], None]] = {
     "00_setup_and_data": check_00,
     "01_margin_contrastive_loss": check_01,
     "02_npair_and_infonce": check_02,
+    "03_memory_bank": check_03,
     "04_queue_without_momentum": check_04,
     "05_momentum_encoder": check_05,
     "06_shuffle_bn": check_06,
