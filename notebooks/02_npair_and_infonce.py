@@ -170,27 +170,27 @@ torch.testing.assert_close(mocolab.infonce_loss(same, same, same[:1].t().expand(
 
 
 @torch.no_grad()
-def fill_queue(model, generator):
+def fill_queue(model, generator, view_generator):
     """Fill the whole queue with keys of augmented training images from the current key encoder."""
     was_training = model.training
     model.train()
     for start in range(0, model.queue.shape[1], BATCH_SIZE):
         idx = torch.randint(0, len(x_train), (BATCH_SIZE,), generator=generator)
-        model.enqueue(model._keys(augment(x_train[idx].to(device), generator=generator)))
+        model.enqueue(model._keys(augment(x_train[idx].to(device), generator=view_generator)))
     model.train(was_training)
 
 
 def make_moco(T, K, seed=SEED):
     mocolab.seed_everything(seed)
     model = mocolab.MoCo(encoder_fn, dim=DIM, K=K, m=M, T=T).to(device)
-    fill_queue(model, torch.Generator().manual_seed(seed))
+    fill_queue(model, torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed))
     return model
 
 
 model = make_moco(T, K)
 with torch.no_grad():
     idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(SEED))[:BATCH_SIZE]
-    views_gen = torch.Generator().manual_seed(SEED + 1)
+    views_gen = torch.Generator(device=device).manual_seed(SEED + 1)
     im_q, im_k = augment(x_train[idx].to(device), generator=views_gen), augment(x_train[idx].to(device), generator=views_gen)
     k_init = model._keys(im_k)  # (N, C)
     q_init = F.normalize(model.encoder_q(im_q), dim=1)  # (N, C)
