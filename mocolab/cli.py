@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "up to Momentum Contrast (MoCo).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("pretrain", help="pre-train MoCo (v1/v2) on a dataset, with a kNN monitor and checkpoints",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__.replace("``", "").replace("::", ":"), formatter_class=argparse.RawDescriptionHelpFormatter)
     recipe = p.add_argument_group("recipe")
     recipe.add_argument("--preset", choices=list(PRESETS), default="cpu-small",
                         help="cpu-small: ConvNet on the bundled shapes (default); cifar10-colab: the official "

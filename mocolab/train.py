@@ -328,7 +328,7 @@ def fit(model: nn.Module, images: torch.Tensor, augment: nn.Module, config: Trai
                 torch.cuda.synchronize(dev)
             t_train += time.perf_counter() - t0
             seen += steps_per_epoch * config.batch_size
-            stats = distributed.all_reduce_mean(torch.stack([correct.double(), torch.tensor(float(count), device=dev, dtype=torch.float64)]))
+            stats = distributed.all_reduce_mean(torch.stack([correct.float(), torch.tensor(float(count), device=dev)]))
             hist["epoch"].append(epoch)
             hist["loss"].append(loss_sum / (steps_per_epoch * b))
             hist["pretext_acc"].append(100.0 * float(stats[0]) / max(1.0, float(stats[1])))
