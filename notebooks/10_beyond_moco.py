@@ -85,7 +85,6 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -322,9 +321,15 @@ print(compare("Debiased MoCo", results["debiased"], "MoCo", results["MoCo"]))
 #
 # To see which of the two happened, the model is given the training labels for **measurement only**
 # (they never enter the loss): it counts how often a negative shares the query's true class, over the
-# last epoch, before and after the weighting.
+# last epoch, before and after the weighting. First the baseline: plain MoCo's queue, which records the
+# dataset index of every key (`queue_index`), against the classes of a batch of queries.
 
 # %%
+queue_labels = torch.where(moco.queue_index.cpu() >= 0, y_train[moco.queue_index.cpu().clamp_min(0)], -1)  # (K,)
+moco_false_negative_rate = false_negative_rate(y_train[:BATCH_SIZE], queue_labels)
+print(f"plain MoCo: {100 * moco_false_negative_rate:.1f} % of the queue's negatives share the query's class "
+      f"(for balanced classes, about 1/{num_classes} = {100 / num_classes:.0f} %)")
+
 torch.manual_seed(SEED)
 cluster = ClusterMoCo(encoder, dim=DIM, K=K, m=MOMENTUM, T=T, num_clusters=NUM_CLUSTERS,
                       recluster_every=RECLUSTER_EVERY, same_cluster_weight=SAME_CLUSTER_WEIGHT)
@@ -429,6 +434,7 @@ metrics = {
     "cluster_knn_acc": results["clusters"],
     "false_negative_rate_before": false_negative_rate_before,
     "false_negative_rate_after": false_negative_rate_after,
+    "moco_false_negative_rate": moco_false_negative_rate,
     "teacher_knn_acc": teacher_knn_acc,
     "crd_student_knn_acc": crd_student_knn_acc,
     "l2_student_knn_acc": l2_student_knn_acc,
