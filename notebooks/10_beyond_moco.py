@@ -162,8 +162,8 @@ moco = MoCo(encoder, dim=DIM, K=K, m=MOMENTUM, T=T)
 moco_hist = train("MoCo", moco)
 if abs(results["MoCo"] - random_init_knn_acc) < noise_points(random_init_knn_acc):
     print(f"MoCo has not moved beyond a random encoder at this budget ({results['MoCo']:.1f} % vs "
-          f"{random_init_knn_acc:.1f} %): the comparisons below can only come out as 'no measurable effect'. "
-          f"Raise EPOCHS and NUM_IMAGES to see the methods differ.")
+          f"{random_init_knn_acc:.1f} %, within the test-set noise), so the comparisons below are unlikely to "
+          f"show more than noise. Raise EPOCHS and NUM_IMAGES to see the methods differ.")
 else:
     print(f"MoCo is {results['MoCo'] - random_init_knn_acc:+.1f} points from a random encoder.")
 
