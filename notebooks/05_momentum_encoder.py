@@ -45,7 +45,8 @@ T = 0.1  # softmax temperature
 MOMENTA = [0.0, 0.9, 0.99, 0.999]  # the values of m swept (the MoCo paper's ablation, without 0.9999)
 EPOCHS = 3  # passes over the training images for each m (the same budget for every m)
 BATCH_SIZE = 64  # N, images per step
-LR = 0.06  # SGD learning rate (cosine decay)
+LR = 0.06  # SGD learning rate
+LR_SCHEDULE = "constant"  # "constant": θq moves at the same pace to the end; "cosine" decays the rate to 0
 OUTPUT_DIR = "runs/05_momentum_encoder"  # figures and metrics.json go here
 
 # %% [markdown]
@@ -100,6 +101,11 @@ print(f"{DATASET}: {len(x_train)} train / {len(x_test)} test images; "
 # %%
 momentum_explorer(m=0.99)
 
+# %% [markdown]
+# The same simulation without the slider, for the values of m swept below: the
+# time constant, the mean distance between the EMA and its target (lag) and the
+# mean distance the EMA moves per step (drift).
+
 # %%
 print(f"{'m':>6} {'time constant':>14} {'mean lag':>9} {'mean drift/step':>16}")
 for m in MOMENTA:
@@ -134,14 +140,16 @@ print(f"this notebook's runs last {total_steps} steps; the queue spans {K / BATC
 # ## The sweep
 #
 # One MoCo run per m, identical in everything else: initial weights, queue,
-# batches, augmentations, learning rate and number of steps. After every epoch
+# batches, augmentations, learning rate (constant, as in notebook 04, so that
+# the query encoder still moves when the queue is measured at the end) and
+# number of steps. After every epoch
 # `KeyConsistencyProbe` recomputes the keys of the whole queue with the current
 # key encoder (the definition is in notebook 04: cosine between stored and
 # recomputed keys, BN in training mode on each step's batch; plus the
 # collapse-proof *identification* rate), and `fit` runs the kNN monitor.
 
 # %%
-config = TrainConfig(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, seed=SEED)
+config = TrainConfig(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, schedule=LR_SCHEDULE, seed=SEED)
 eval_data = (x_train, y_train, x_test, y_test)
 runs, last_by_age = {}, {}
 for m in MOMENTA:
