@@ -177,8 +177,8 @@ else:
 # vice versa (a symmetric loss). What the two encoders can agree on is what both channels share
 # (object outlines, layout), not what only one of them has (the exact colours, fine texture).
 # CMC evaluates the **concatenation** of both views' features. **When it helps:** when the views
-# are genuinely complementary (colour and depth, image and sound, several sensors); the paper found
-# more views better, and the Lab split competitive with two augmented RGB crops on ImageNet.
+# are genuinely complementary (colour and depth, image and sound, several sensors); the paper
+# found that adding more views of a scene improved the representation.
 #
 # Here both encoders have width `CMC_WIDTH` (half of MoCo's, as CMC halves its networks so that
 # the pair costs about as much as one), each has a momentum key encoder and a queue. **The two views
@@ -231,9 +231,10 @@ print(f"Per step CMC ran {seconds['CMC'] / seconds['MoCo']:.2f}x MoCo's time.")
 # (`MOCHI_S` points `normalize(α·nᵢ + (1−α)·nⱼ)`), and mixes the query itself into some of them
 # (`MOCHI_S_PRIME` points `normalize(β·q + (1−β)·nⱼ)` with β < 0.5, harder still, yet closer to the
 # negative than to the query). They are appended to the logits, with no gradient through them, and
-# never enter the queue. **When it helps:** the paper reports gains on ImageNet-100 and in transfer to
-# detection, mostly when training is long enough that the queue's negatives have become easy; it
-# starts mixing after a warm-up, as we do here (`MOCHI_WARMUP_EPOCHS`).
+# never enter the queue. **When it helps:** its motivation is that, as training proceeds, most queue
+# negatives become easy; the paper reports gains in linear classification (ImageNet-100, ImageNet)
+# and in transfer to object detection. It starts mixing after a warm-up, as we do here
+# (`MOCHI_WARMUP_EPOCHS`).
 
 # %%
 torch.manual_seed(SEED)
@@ -295,8 +296,8 @@ print(f"mean cosine similarity of a query to its negatives: queue {mochi_queue_s
 #
 # with `pos = exp(q·k/T)` and `neg = exp(q·n/T)`; the clamp keeps `Ng` at least its smallest possible
 # value. With τ⁺ = 0 it is InfoNCE, which the next cell checks. **When it helps:** the paper reports
-# gains on CIFAR-10, STL-10 and ImageNet-100, largest when there are few classes (so τ⁺ is large)
-# and many negatives per query.
+# gains on CIFAR-10, STL-10 and ImageNet-100. The bias it corrects is largest when there are few
+# classes (τ⁺ large: many negatives are really positives).
 
 # %%
 check_logits = torch.randn(8, 1 + 32) * 0.5
@@ -370,8 +371,8 @@ print(compare("Clustering-aware MoCo", results["clusters"], "MoCo", results["MoC
 # of the same image (the positive key) out of the teacher's features of other images (a queue of
 # negatives), so the student also learns which images the teacher keeps *apart*. The teacher is
 # frozen: it is a key encoder with momentum m = 1, and its queued keys never go stale.
-# **When it helps:** the paper found CRD better than regression and than logit distillation across
-# many teacher–student pairs on CIFAR-100 and ImageNet, most of all across different architectures.
+# **When it helps:** the paper found CRD better than feature regression and than logit distillation
+# for most of the teacher–student pairs it tried on CIFAR-100, and on ImageNet.
 #
 # The teacher is the MoCo encoder trained above (width `WIDTH`); two students of width
 # `STUDENT_WIDTH` train for the same budget, one with CRD and one with L2 regression between the
