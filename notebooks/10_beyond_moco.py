@@ -464,7 +464,7 @@ print(f"wrote {out / 'metrics.json'}; notebook ran in {total_seconds:.0f} s")
 #   false; the measured false-negative rates above show whether the guess followed the classes yet.
 # - **CRD** turns distillation into a contrastive task with a frozen teacher as the key encoder.
 # - The printed comparisons above are what this run measured, on one seed and a small test set. The
-#   papers report gains at ImageNet scale and hundreds of epochs; at a few minutes on a CPU, expect
+#   papers report gains on full datasets after hundreds of epochs; at a few minutes on a CPU, expect
 #   most differences to be within the noise, and check before believing any of them.
 #
 # ## Exercises
