@@ -230,7 +230,8 @@ def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         raise ValueError(f"images (N, 3, H, W) and labels (N,) must match and be non-empty, got "
                          f"{tuple(images.shape)} and {tuple(labels.shape)}")
     if epochs < 1 or batch_size < 1 or not lr > 0 or (steps is not None and steps < 1):
-        raise ValueError(f"epochs, batch_size, lr and steps must be positive, got {epochs}, {batch_size}, {lr}, {steps}")
+        raise ValueError(f"epochs, batch_size, lr and steps must be positive, "
+                         f"got {epochs}, {batch_size}, {lr}, {steps}")
     dev = device if isinstance(device, torch.device) else get_device(device, verbose=verbose)
     batch = min(int(batch_size), n)
     total = int(steps) if steps is not None else epochs * (n // batch)

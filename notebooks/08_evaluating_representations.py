@@ -244,7 +244,8 @@ def feature_scale(f: torch.Tensor) -> dict:
 scales = {name: feature_scale(ftr) for name, (ftr, _) in feats.items()}
 for name, s in scales.items():
     print(f"{name:10s} raw backbone features: E‖x‖² = {s['mean_sq_norm']:8.2f}, mean per-dim std = "
-          f"{s['mean_dim_std']:.3f}; lr·E‖x‖² at lr={PROBE_LR_OFFICIAL:g}: {PROBE_LR_OFFICIAL * s['mean_sq_norm']:.0f}")
+          f"{s['mean_dim_std']:.3f}; lr·E‖x‖² at lr={PROBE_LR_OFFICIAL:g}: "
+          f"{PROBE_LR_OFFICIAL * s['mean_sq_norm']:.0f}")
 print(f"standardised features: E‖x‖² = {feats['moco'][0].shape[1]} (one per dimension) by construction")
 
 probe_grid = {}

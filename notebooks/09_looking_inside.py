@@ -296,7 +296,8 @@ fig.savefig(out / "collapse.png", dpi=100, bbox_inches="tight")
 print(f"collapse_std: at init {collapse_moco[0]:.4f}; after {EPOCHS} epochs MoCo {collapse_moco[-1]:.4f}, "
       f"no negatives {collapse_nn[-1]:.4f} (1/√C = {1 / math.sqrt(DIM):.4f})")
 print(f"at initialisation the features spread {collapse_moco[0] * math.sqrt(DIM):.2f}× as much as 1/√C; "
-      f"after training MoCo's spread {collapse_moco[-1] / max(collapse_nn[-1], 1e-12):.1f}× as much as the no-negatives run's")
+      f"after training MoCo's spread {collapse_moco[-1] / max(collapse_nn[-1], 1e-12):.1f}× as much as "
+      f"the no-negatives run's")
 print(f"no-negatives loss {history_nn['loss'][0]:.3f} → {history_nn['loss'][-1]:.3f}; its kNN accuracy "
       f"{history_nn['knn_acc'][-1]:.1f} % vs MoCo's {history['knn_acc'][-1]:.1f} %")
 
@@ -305,8 +306,9 @@ print(f"no-negatives loss {history_nn['loss'][0]:.3f} → {history_nn['loss'][-1
 # 1/√C. A randomly initialised network maps all images into a narrow cone (its features share a
 # large common component), so a collapsed-looking representation is where training *starts*.
 # MoCo's negatives push the features apart, towards 1/√C; without negatives nothing does, and the
-# loss (printed) is minimised while the features stay bunched together. BYOL and SimSiam avoid this without negatives only through an
-# extra predictor network and the asymmetry it creates; MoCo gets it from the queue.
+# loss (printed) is minimised while the features stay bunched together. BYOL and SimSiam do without
+# negatives, but they add a predictor network on the query side (with a stop-gradient on the key
+# side), and without that predictor both collapse; MoCo gets the push apart from the queue.
 #
 # ## A query's nearest keys and hardest negatives
 #

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from mocolab.encoders import ConvNet
-from mocolab.evaluate import extract_features, knn_accuracy, knn_predict, linear_probe, per_class_subset, train_supervised
+from mocolab.evaluate import (extract_features, knn_accuracy, knn_predict, linear_probe, per_class_subset,
+                              train_supervised)
 
 
 def test_knn_predict_matches_loop():
