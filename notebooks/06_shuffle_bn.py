@@ -45,8 +45,8 @@ DIM = 128  # C, the dimension of q and k
 K = 512  # queue size
 T = 0.1  # softmax temperature
 M = 0.99  # momentum of the key encoder
-BN_SPLITS = 8  # S, BN groups per batch: each group of BATCH_SIZE / S images is normalised on its own
-EPOCHS = 5  # passes over the training images, for each of the two trainings
+BN_SPLITS = 16  # S, BN groups per batch: each group of BATCH_SIZE / S images is normalised on its own
+EPOCHS = 4  # passes over the training images, for each of the two trainings
 BATCH_SIZE = 64  # N, images per step (must be divisible by BN_SPLITS)
 LR = 0.06  # SGD learning rate (cosine decay)
 OUTPUT_DIR = "runs/06_shuffle_bn"  # figures and metrics.json go here
@@ -199,6 +199,7 @@ metrics = {
     "loss_no_shuffle": ns["loss"],
     "loss_shuffle": s["loss"],
     "bn_group_size": group,
+    "bn_splits": BN_SPLITS,
     "epochs": EPOCHS,
     "seconds": time.perf_counter() - t_start,
 }
