@@ -31,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "SHAPE_NAMES",
+    "SHAPES_STYLES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "IMAGENET_MEAN",
@@ -57,8 +58,8 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)  # the values of the official MoCo CIFAR-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DATASET_NAMES = ("shapes", "cifar10", "stl10", "cifar10-small")
-_CHOICES = "'shapes', 'cifar10', 'stl10', 'cifar10-small', 'imagefolder:PATH' or an existing directory"
+DATASET_NAMES = ("shapes", "shapes-color", "cifar10", "stl10", "cifar10-small")
+_CHOICES = "'shapes', 'shapes-color', 'cifar10', 'stl10', 'cifar10-small', 'imagefolder:PATH' or an existing directory"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -162,23 +163,31 @@ def _hash_noise(xs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return ((t - torch.floor(t)).float() - 0.5) * math.sqrt(12.0)
 
 
-# how strong each nuisance is (tuned so raw pixels do poorly and a short MoCo run does well)
-_SHAPES_STYLE = dict(
-    position=0.42,  # centre offset, fraction of the half image
-    scale=(0.34, 0.6),  # shape radius, fraction of the half image
-    contrast=(0.22, 0.52),  # luminance difference shape vs background
-    chroma=0.4,  # maximum colourfulness
-    texture=(0.06, 0.28),  # background texture amplitude
-    noise=0.03,  # maximum pixel noise std
-    p_clutter=0.5,  # probability of each of three clutter lines
-)
+# How strong each nuisance is. "gray" (the default) is tuned so that raw pixels do poorly
+# while a few hundred MoCo steps on a CPU learn the shapes. "color" adds random hues, stronger
+# textures and more clutter: the MoCo v2 augmentation removes too little colour for a short run
+# to ignore it, so colour becomes a shortcut (an experiment for the learner, as in SimCLR).
+SHAPES_STYLES = {
+    "gray": dict(
+        position=0.25,  # centre offset, fraction of the half image
+        scale=(0.45, 0.7),  # shape radius, fraction of the half image
+        contrast=(0.4, 0.6),  # luminance difference shape vs background
+        chroma=0.0,  # maximum colourfulness (0: grey levels only)
+        texture=(0.0, 0.05),  # background texture amplitude
+        noise=0.01,  # maximum pixel noise std
+        p_clutter=0.1,  # probability of each of three clutter lines
+    ),
+    "color": dict(
+        position=0.42, scale=(0.34, 0.6), contrast=(0.22, 0.52), chroma=0.4, texture=(0.06, 0.28),
+        noise=0.03, p_clutter=0.5,
+    ),  # fmt: skip
+}
 _N_SEG = 3  # clutter lines per image
 _NOISE_GRID = 4  # smooth background noise: a 4x4 grid, upsampled
 
 
-def _sample_scene_params(n_draw: int, n: int, g: torch.Generator) -> dict:
+def _sample_scene_params(n_draw: int, n: int, g: torch.Generator, st: dict) -> dict:
     """All random numbers of n scenes (drawn for n_draw >= n scenes, so that prefixes are stable)."""
-    st = _SHAPES_STYLE
 
     def rand(*shape):
         return torch.rand(n_draw, *shape, generator=g)[:n]
@@ -229,11 +238,13 @@ def _background_texture(p: dict, xs: torch.Tensor) -> torch.Tensor:
     return tex[:, None]  # (N, 1, S, S)
 
 
-def _render_shapes_chunk(labels: torch.Tensor, names: tuple[str, ...], size: int, seed: int, n_draw: int) -> torch.Tensor:
+def _render_shapes_chunk(
+    labels: torch.Tensor, names: tuple[str, ...], size: int, seed: int, n_draw: int, style: dict
+) -> torch.Tensor:
     """Render the scenes of one chunk for the given labels. Returns uint8 (N, 3, S, S)."""
     g = torch.Generator().manual_seed(seed)
     n = labels.shape[0]
-    p = _sample_scene_params(n_draw, n, g)
+    p = _sample_scene_params(n_draw, n, g, style)
     xs = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
     pixel = 2.0 / size
     X, Y = xs[None, None, :], xs[None, :, None]
@@ -285,19 +296,28 @@ def make_shapes(
     image_size: int = 32,
     seed: int = 0,
     split: str = "train",
+    style: str = "gray",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generate the synthetic "shapes" dataset.
 
     Each image shows one object whose *shape* is the class (circle, ring,
     square, triangle, cross, star, crescent, ell, bars, tee, frame,
-    semicircle) in a random colour, position, size, rotation and mirror
-    image, over a random background colour with a random texture (stripes,
-    checks, a ramp or smooth noise), thin clutter lines and pixel noise. The
-    shape keeps a luminance contrast with the background, so it survives the
-    MoCo augmentations (crops, colour jitter, grayscale); raw pixels are
-    dominated by the nuisances.
+    semicircle) at a random position, size, rotation and mirror image, in a
+    random grey level (light on dark or dark on light) over a background of
+    another random grey level with a faint random texture (stripes, checks,
+    a ramp or smooth noise), occasional thin clutter lines and pixel noise.
+    The shape keeps a luminance contrast with the background, so it survives
+    the MoCo augmentations (crops, colour jitter, grayscale), while raw
+    pixels are dominated by the nuisances: raw-pixel kNN is only a little
+    above chance.
 
-    Generation is deterministic given (seed, split), and prefix-stable:
+    ``style="color"`` draws random hues for object, background and clutter,
+    with stronger textures and more clutter. The MoCo v2 augmentation
+    (hue jitter of 0.1 turn) leaves much of the colour in place, so a short
+    contrastive run learns colour rather than shape on it: a demonstration of
+    why colour distortion matters (Chen et al., SimCLR, 2020).
+
+    Generation is deterministic given (seed, split, style), and prefix-stable:
     ``make_shapes(100)`` equals the first 100 images of ``make_shapes(1000)``.
     Every prefix is class balanced to within one image per class. The
     "train" and "test" splits come from different random streams. Scenes do
@@ -310,12 +330,13 @@ def make_shapes(
         image_size: side length S in pixels (>= 8).
         seed: random seed.
         split: "train" or "test".
+        style: "gray" (default) or "color".
 
     Returns:
         images uint8 (N, 3, S, S) and labels long (N,).
 
     Raises:
-        ValueError: for a bad n, num_classes, image_size or split.
+        ValueError: for a bad n, num_classes, image_size, split or style.
     """
     if not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
@@ -325,6 +346,8 @@ def make_shapes(
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     if split not in _SHAPES_SPLITS:
         raise ValueError(f"split for 'shapes' must be one of {tuple(_SHAPES_SPLITS)}, got {split!r}")
+    if style not in SHAPES_STYLES:
+        raise ValueError(f"style must be one of {tuple(SHAPES_STYLES)}, got {style!r}")
     names = SHAPE_NAMES[:num_classes]
     chunk = _CHUNK_PER_CLASS * num_classes
     images, labels = [], []
@@ -335,7 +358,7 @@ def make_shapes(
         m = min(chunk, n - i * chunk)
         y = y[:m]
         chunk_seed = _mix_seed(seed, _SHAPES_SPLITS[split], num_classes, i, 1)
-        images.append(_render_shapes_chunk(y, names, image_size, chunk_seed, n_draw=chunk))
+        images.append(_render_shapes_chunk(y, names, image_size, chunk_seed, n_draw=chunk, style=SHAPES_STYLES[style]))
         labels.append(y)
     if not images:
         return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
@@ -375,15 +398,15 @@ class ShapesDataset(TensorImageDataset):
     Args:
         n: number of images; default 5000 for "train", 1000 for "test".
         split: "train" or "test".
-        num_classes, image_size, seed: see :func:`make_shapes`.
+        num_classes, image_size, seed, style: see :func:`make_shapes`.
         transform: applied to the PIL image (e.g. ``TwoCropsTransform(moco_v2_transform())``).
     """
 
-    def __init__(self, n=None, split="train", num_classes=10, image_size=32, seed=0, transform=None):
+    def __init__(self, n=None, split="train", num_classes=10, image_size=32, seed=0, transform=None, style="gray"):
         if split not in _SHAPES_SPLITS:
             raise ValueError(f"split for 'shapes' must be one of {tuple(_SHAPES_SPLITS)}, got {split!r}")
         n = _SHAPES_DEFAULT_SIZE[split] if n is None else n
-        images, labels = make_shapes(n, num_classes=num_classes, image_size=image_size, seed=seed, split=split)
+        images, labels = make_shapes(n, num_classes, image_size, seed=seed, split=split, style=style)
         super().__init__(images, labels, classes=SHAPE_NAMES[:num_classes], transform=transform)
 
 
@@ -428,6 +451,8 @@ def _resolve_name(name: str) -> tuple[str, Path | None]:
     key = name.lower()
     if key in ("shapes", "cifar10", "stl10"):
         return key, None
+    if key == "shapes-color":
+        return "shapes", None
     if key == "cifar10-small":
         path = shared_cifar10_small()
         if path is None:
@@ -571,7 +596,7 @@ def load_images(
     """Load a whole dataset split as one uint8 tensor (the fast path for small datasets).
 
     Args:
-        name: "shapes" (generated, no download), "cifar10", "stl10",
+        name: "shapes" (generated, no download; "shapes-color" for its colour variant), "cifar10", "stl10",
             "cifar10-small" (the offline ImageFolder subset of CIFAR-10),
             "imagefolder:PATH" or the path of an existing ImageFolder directory.
         split: "train" or "test"; for stl10 also "unlabeled" and "train+unlabeled";
@@ -599,7 +624,8 @@ def load_images(
         if split not in _SHAPES_SPLITS:
             raise ValueError(f"split for 'shapes' must be one of {tuple(_SHAPES_SPLITS)}, got {split!r}")
         n = _SHAPES_DEFAULT_SIZE[split] if limit is None else limit
-        images, labels = make_shapes(n, image_size=image_size or 32, seed=seed, split=split)
+        style = "color" if os.fspath(name).lower() == "shapes-color" else "gray"
+        images, labels = make_shapes(n, image_size=image_size or 32, seed=seed, split=split, style=style)
         return images, labels, list(SHAPE_NAMES[:10])
     if kind == "imagefolder":
         images, labels, classes = _load_imagefolder(_imagefolder_dir(path, split), image_size)
@@ -634,7 +660,8 @@ def get_dataset(
     """
     kind, path = _resolve_name(name)
     if kind == "shapes":
-        return ShapesDataset(split=split, transform=transform)
+        style = "color" if os.fspath(name).lower() == "shapes-color" else "gray"
+        return ShapesDataset(split=split, transform=transform, style=style)
     if kind == "imagefolder":
         from torchvision.datasets import ImageFolder
 

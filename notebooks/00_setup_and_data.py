@@ -25,7 +25,7 @@
 # 3. two augmented views of the same image, with the random parameters that made them;
 # 4. why raw pixels are a poor representation of this data: a weighted kNN
 #    classifier on raw pixels is barely above chance, and the nearest neighbours
-#    of an image share its colours, not its shape.
+#    of an image share its brightness and position, not its shape.
 #
 # **Prerequisites.** Python and a little PyTorch (tensors, `nn.Module`). No
 # knowledge of contrastive learning yet.
@@ -102,11 +102,15 @@ mocolab.seed_everything(SEED)
 #
 # The default dataset, **shapes**, is generated on the fly (no download). Each
 # image shows one object, and its class is the object's *shape*. Everything else
-# is a nuisance: the colours of object and background, the background texture
-# (stripes, checks, ramps, blotches), the position, size, rotation and mirror
-# image of the object, thin clutter lines and pixel noise. A good representation
-# must see the shape through all of that. The labels are never used for training
-# in this course, only to *evaluate* representations.
+# is a nuisance: the grey levels of object and background (light on dark or dark
+# on light), a faint background texture (stripes, checks, ramps, blotches), the
+# position, size, rotation and mirror image of the object, the odd clutter line
+# and pixel noise. A good representation must see the shape through all of that.
+# The labels are never used for training in this course, only to *evaluate*
+# representations.
+#
+# (`DATASET = "shapes-color"` adds random colours, stronger textures and more
+# clutter; see the exercises for why the default leaves colour out.)
 
 # %%
 t0 = time.perf_counter()
@@ -137,9 +141,9 @@ fig_grid.suptitle(f"{DATASET}: {per_class} training images per class")
 fig_grid.savefig(output_dir / "dataset_grid.png", dpi=120, bbox_inches="tight")
 
 # %% [markdown]
-# Notice how little the images of one row have in common *in pixels*: the colours,
-# textures and positions change from image to image, and only the outline of
-# the object stays the same.
+# Notice how little the images of one row have in common *in pixels*: the grey
+# levels, positions, sizes and rotations change from image to image, and only the
+# outline of the object stays the same.
 #
 # ## Two views of one image
 #
@@ -190,7 +194,7 @@ fig_views.savefig(output_dir / "augmented_views.png", dpi=120, bbox_inches="tigh
 
 # %% [markdown]
 # Notice that the two views of one image can differ more than two images of the
-# same class do: different crops, different colours, sometimes one of them grey.
+# same class do: different crops, different brightness and contrast, flipped or not.
 # What survives every view is the shape of the object (unless a small crop cuts
 # most of it away; such noisy pairs are part of the game). This is the signal a
 # contrastive encoder is pushed to keep.
@@ -293,7 +297,8 @@ fig_nn.savefig(output_dir / "pixel_neighbours.png", dpi=120, bbox_inches="tight"
 
 # %% [markdown]
 # Notice that the nearest neighbours in pixel space share the query's background
-# and colours, rarely its shape: pixel similarity measures the nuisances. The
+# brightness and the position of the object, often not its shape: pixel
+# similarity mostly measures the nuisances. The
 # following notebooks train encoders whose kNN accuracy on the same test images
 # rises far above this baseline, without ever seeing a label.
 
@@ -327,8 +332,8 @@ print(json.dumps({k: v for k, v in metrics.items() if k != "versions"}, indent=1
 #   `DOWNLOAD = True`), `"stl10"` or an ImageFolder path switch to real photos.
 # * `BatchAugment` makes the MoCo views of a whole batch at once on any device;
 #   two views of one image share the object's shape and little else.
-# * Raw pixels are a poor representation of this data: their kNN accuracy is close
-#   to chance, because pixel similarity is dominated by colour and background.
+# * Raw pixels are a poor representation of this data: their kNN accuracy is not far
+#   above chance, because pixel similarity is dominated by brightness and position.
 #
 # **Next:** notebook 01 trains a first encoder with the simplest contrastive loss,
 # the margin loss on pairs.
@@ -340,7 +345,12 @@ print(json.dumps({k: v for k, v in metrics.items() if k != "versions"}, indent=1
 # 2. In the "one augmentation at a time" cell, change the crop scale to
 #    `scale=(0.05, 1.0)`. How often does a view lose the object entirely? What
 #    would that do to the positive pairs of contrastive learning?
-# 3. Compute the raw-pixel kNN accuracy on *grayscale* images (average the three
-#    channels). Does removing colour help pixels? Why only a little?
+# 3. Set `DATASET = "shapes-color"`. How do raw pixels fare now? Look at the
+#    augmented views: how much of an image's colour survives the v2 jitter (hue
+#    ±0.1 of a turn, grayscale only one time in five)? A contrastive encoder can
+#    tell two images apart by colour alone, so on this variant a short run learns
+#    colour instead of shape. SimCLR (Chen et al., 2020) found the same on ImageNet:
+#    without strong colour distortion, instance discrimination is solved by colour
+#    histograms.
 # 4. Set `DATASET = "cifar10-small"` (if `../shared/data/cifar10-small` exists) or
 #    `"cifar10"` with `DOWNLOAD = True`, and rerun. How do raw pixels fare on photos?

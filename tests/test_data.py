@@ -106,11 +106,25 @@ def test_shapes_same_scenes_at_any_size():
         (dict(n=10, num_classes=len(SHAPE_NAMES) + 1), "num_classes"),
         (dict(n=10, image_size=4), "image_size"),
         (dict(n=10, split="val"), "split"),
+        (dict(n=10, style="sepia"), "style"),
     ],
 )
 def test_shapes_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_shapes(**kwargs)
+
+
+def test_shapes_styles():
+    gray, y_gray = make_shapes(50)
+    color, y_color = make_shapes(50, style="color")
+    assert torch.equal(y_gray, y_color) and not torch.equal(gray, color)
+    # "gray" draws grey levels only (noise aside); "color" draws saturated hues
+    chroma = lambda x: (x.float().amax(1) - x.float().amin(1)).mean().item()  # noqa: E731
+    assert chroma(gray) < 6 < 15 < chroma(color)
+    xc, yc, classes = load_images("shapes-color", split="test", limit=20)
+    assert torch.equal(xc, make_shapes(20, split="test", style="color")[0]) and len(classes) == 10
+    ds = get_dataset("shapes-color", split="test")
+    assert torch.equal(ds.images[:20], xc)
 
 
 def test_shapes_dataset_returns_pil_and_label():
@@ -142,7 +156,7 @@ def test_load_images_unknown_name_lists_choices():
     with pytest.raises(ValueError) as err:
         load_images("mnist")
     msg = str(err.value)
-    for choice in ("shapes", "cifar10", "stl10", "cifar10-small", "imagefolder:PATH"):
+    for choice in ("shapes", "shapes-color", "cifar10", "stl10", "cifar10-small", "imagefolder:PATH"):
         assert choice in msg
 
 
