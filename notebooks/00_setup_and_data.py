@@ -30,7 +30,7 @@
 # **Prerequisites.** Python and a little PyTorch (tensors, `nn.Module`). No
 # knowledge of contrastive learning yet.
 #
-# **Run time.** About 20 seconds on a laptop CPU at the default size; no download.
+# **Run time.** Under a minute on a laptop CPU at the default size; no download.
 
 # %% tags=["parameters"]
 SEED = 0  # random seed for data generation, augmentation and subsets
