@@ -448,3 +448,17 @@ def test_uniform_crop_area_statistics():
     )
     area = p["box"][:, 2] * p["box"][:, 3] / 1024
     assert math.isclose(float(area.mean()), 0.6, abs_tol=0.01)
+
+
+def test_balanced_subset_oracle():
+    from mocolab.data import _balanced_subset
+
+    labels = torch.tensor([0] * 50 + [1] * 5 + [2] * 30 + [-1] * 15)
+    idx = _balanced_subset(labels, 31, seed=0)
+    assert len(idx) == 31 and len(set(idx.tolist())) == 31 and torch.equal(idx, idx.sort().values)
+    counts = {c: int((labels[idx] == c).sum()) for c in (-1, 0, 1, 2)}
+    assert counts[1] == 5 and sum(counts.values()) == 31  # the small class is taken whole
+    assert max(counts[c] for c in (-1, 0, 2)) - min(counts[c] for c in (-1, 0, 2)) <= 1
+    assert torch.equal(idx, _balanced_subset(labels, 31, seed=0))
+    unlabeled = _balanced_subset(torch.full((20,), -1), 7, seed=1)
+    assert len(unlabeled) == 7
