@@ -905,8 +905,9 @@ class BatchAugment(nn.Module):
         ``brightness``, ``contrast``, ``saturation``, ``hue`` factors (identity where not applied);
         ``order`` (N, 4) jitter order; ``gray``; ``sigma`` (0 where no blur).
         """
-        dev = torch.device(device)
+        out_device = torch.device(device)
         g = generator
+        dev = g.device if g is not None else out_device  # a CPU generator gives the same views on any device
 
         def rand(*shape):
             return torch.rand(*shape, generator=g, device=dev)
@@ -954,10 +955,11 @@ class BatchAugment(nn.Module):
         blur = rand(n) < self.p_blur
         sigma = self.sigma[0] + rand(n) * (self.sigma[1] - self.sigma[0])
         sigma = torch.where(blur, sigma, torch.zeros_like(sigma))
-        return dict(
+        params = dict(
             box=torch.stack((x0, y0, w, h), dim=1), flip=flip, jitter=apply, brightness=bf, contrast=cf,
             saturation=sf, hue=hf, order=order, gray=gray, sigma=sigma,
         )  # fmt: skip
+        return {key: value.to(out_device) for key, value in params.items()}
 
     # -- the operations ---------------------------------------------------------------------------
     def _crop_flip(self, x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -1031,7 +1033,8 @@ class BatchAugment(nn.Module):
 
         Args:
             x: uint8 (N, 3, H, W) or float in [0, 1].
-            generator: a torch.Generator on x's device, for reproducible views.
+            generator: a torch.Generator for reproducible views; parameters are drawn on its
+                device, so a CPU generator gives the same views on the CPU and on a GPU.
             return_params: also return the sampled parameters (see :meth:`sample_params`).
 
         Returns:

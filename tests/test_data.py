@@ -415,6 +415,10 @@ def test_batch_augment_on_cuda():
     aug = BatchAugment(32).cuda()
     out = aug(x.cuda(), generator=torch.Generator("cuda").manual_seed(0))
     assert out.device.type == "cuda" and out.shape == (8, 3, 32, 32)
+    # a CPU generator draws the same parameters, so the views match the CPU ones
+    on_gpu = aug(x.cuda(), generator=torch.Generator().manual_seed(1))
+    on_cpu = aug.cpu()(x, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(
