@@ -29,8 +29,9 @@
 # **Prerequisites.** 02 (InfoNCE, the chance loss ln(K+1)) and 03 (a memory bank
 # of stale features).
 #
-# **Run time.** About 3 minutes on a 2-core laptop CPU at the default size (two
-# trainings of about 80 s each), no download.
+# **Run time.** About 2–3 minutes on a quiet 2-core laptop CPU at the default
+# size (two trainings of about a minute each); several times longer on a busy
+# machine. No download.
 
 # %% tags=["parameters"]
 SEED = 0  # seeds the weights, the batch order and the augmentations
@@ -240,11 +241,12 @@ for m, p in probes.items():
 
 # %% [markdown]
 # Notice how fast each curve falls with age: the slope is how far the key encoder
-# moves per step. With m = 0 it moves as fast as SGD moves the query encoder;
-# with m = 0.99 it moves about a hundred times more slowly (a time constant of
-# 1 / (1 − m) = 100 steps). Where a curve stays at 1 for every age, check the
-# identification panel above before calling the queue consistent: a collapsed
-# encoder is perfectly "consistent".
+# moves per step. With m = 0 it moves exactly as SGD moves the query encoder,
+# noise of every single step included; with m = 0.99 it is an average of the
+# query encoders of roughly the last 1 / (1 − m) = 100 steps, which smooths the
+# step-to-step noise out (notebook 05 looks at this average closely). Where a
+# curve stays at 1 for every age, check the identification panel above before
+# calling the queue consistent: a collapsed encoder is perfectly "consistent".
 #
 # ## Against the published numbers
 #

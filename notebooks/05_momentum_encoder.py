@@ -29,8 +29,8 @@
 #
 # **Prerequisites.** 04 (the queue, key consistency and `KeyConsistencyProbe`).
 #
-# **Run time.** About 4 minutes on a 2-core laptop CPU at the default size (four
-# short trainings), no download.
+# **Run time.** About 3 minutes on a quiet 2-core laptop CPU at the default size
+# (four short trainings); several times longer on a busy machine. No download.
 
 # %% tags=["parameters"]
 SEED = 0  # seeds the weights, the batch order and the augmentations
@@ -60,6 +60,7 @@ from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 import mocolab
 from mocolab import BatchAugment, ConvNet, KeyConsistencyProbe, MoCo, load_images
@@ -189,8 +190,8 @@ fig.savefig(out / "momentum_sweep.png", dpi=100, bbox_inches="tight")
 # %% [markdown]
 # Notice whether the consistency panels rise with m (they should: a slower key
 # encoder drifts less per step), and where the kNN curve peaks. In the paper the
-# peak is at m = 0.999 after hundreds of thousands of steps; the summary below
-# says where it is in this run, which is a few hundred steps long.
+# peak is at m = 0.999 after about a million steps; the summary below says where
+# it is in this run, which is a few hundred steps long.
 #
 # ## Consistency by age, for each m
 
@@ -222,6 +223,7 @@ axes[0].axhline(math.log(K + 1), color="grey", linestyle="--", linewidth=1, labe
 for ax, title in zip(axes, ["loss", "kNN accuracy (%)", "key identification (%)"]):
     ax.set_title(title)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small", frameon=False)
 fig.tight_layout()
@@ -277,11 +279,14 @@ print(f"notebook ran in {metrics['seconds']:.0f} s")
 # - The momentum encoder is an exponential moving average of the query encoder.
 #   Its time constant 1 / (1 − m) trades consistency of the queue (large m)
 #   against how quickly the keys follow what the query encoder learns (small m).
-# - m = 0 (no averaging) is the failure of notebook 04; moderate to large m
-#   makes the keys in the queue agree with each other.
+# - m = 0 (no averaging) is the failure of notebook 04. A larger m averages
+#   over more steps, so the key encoder drifts less per step; the consistency
+#   panels measure this (the printed summary says whether they rose with m in
+#   this run).
 # - The best m depends on the length of training: the MoCo paper's 0.999 has a
-#   time constant of 1,000 steps, short against its ~1.25 million steps. Short
-#   runs like ours can prefer a smaller m.
+#   time constant of 1,000 steps, short against its million or so steps. In a
+#   run of a few hundred steps a key encoder with m = 0.999 has barely left its
+#   initialisation.
 # - The same idea stabilises the targets of DQN (a periodically copied target
 #   network) and DDPG (Polyak averaging), and reappears in BYOL and DINO.
 #

@@ -31,8 +31,8 @@
 # **Prerequisites.** 04 and 05 (MoCo with a queue and a momentum encoder);
 # BatchNorm.
 #
-# **Run time.** About 3 minutes on a 2-core laptop CPU at the default size (two
-# trainings), no download.
+# **Run time.** About 2 minutes on a quiet 2-core laptop CPU at the default size
+# (two trainings); several times longer on a busy machine. No download.
 
 # %% tags=["parameters"]
 SEED = 0  # seeds the weights, the batch order and the augmentations
@@ -61,6 +61,7 @@ from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import torch
 import torch.nn.functional as F
 
@@ -163,6 +164,7 @@ for name, h in runs.items():
 for ax, title in zip(axes, ["loss", "pretext accuracy (%)", "kNN accuracy (%)"]):
     ax.set_title(title)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small", frameon=False)
 fig.tight_layout()
@@ -217,13 +219,14 @@ print(f"pretext accuracy: {metrics['pretext_acc_no_shuffle']:.1f} % without the 
       f"{metrics['pretext_acc_shuffle']:.1f} % with it ({d_pretext:+.1f} points)")
 print(f"kNN accuracy:     {metrics['knn_acc_no_shuffle']:.1f} % without the shuffle, "
       f"{metrics['knn_acc_shuffle']:.1f} % with it ({d_knn:+.1f} points)")
-if d_pretext > 5 and d_knn <= 1:
-    print("=> the BN cheat shows: without the shuffle the pretext task got easier, the representation did not.")
-elif d_pretext > 5:
-    print("=> without the shuffle the pretext task got easier, and kNN did not suffer (yet): a leak without "
-          "(visible) harm at this length of training.")
+knn_note = "kNN did not gain from it" if d_knn <= 1 else "kNN gained too, so it is not (only) a cheat"
+if d_pretext > 20 and metrics["pretext_acc_no_shuffle"] > 50:
+    print(f"=> the BN cheat shows plainly: without the shuffle the pretext task became easy; {knn_note}.")
+elif d_pretext > 2:
+    print(f"=> a hint of the leak: the pretext task is easier without the shuffle ({knn_note}), but nothing like "
+          "the paper's > 99.9 %: at this length of training the cheat has not taken over.")
 else:
-    print("=> no clear BN cheat in this run: the pretext accuracies are within 5 points of each other.")
+    print("=> no sign of the BN cheat in this run: the pretext accuracies are within 2 points of each other.")
 print(f"notebook ran in {metrics['seconds']:.0f} s")
 
 # %% [markdown]
