@@ -224,9 +224,11 @@ fig_ops.savefig(output_dir / "single_augmentations.png", dpi=120, bbox_inches="t
 
 # %% [markdown]
 # Notice which nuisance each operation attacks: cropping moves and rescales the
-# object, jitter and grayscale change its colours and its contrast with the
-# background. None of them changes the shape, which is why the shape is what a
-# contrastive encoder can learn from these views.
+# object, jitter changes the brightness of object and background and the contrast
+# between them (on the grey *shapes* its saturation and hue parts have nothing to
+# act on; on photos they shift the colours, and grayscale removes them). None of
+# them changes the shape, which is why the shape is what a contrastive encoder can
+# learn from these views.
 #
 # ## How fast is batched augmentation?
 #
