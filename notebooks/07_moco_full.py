@@ -179,9 +179,9 @@ print(f"loss: {hist['step_loss'][0]:.2f} at step 1, highest {max(hist['step_loss
 # comparable in level — a ConvNet on synthetic shapes for a few epochs and a
 # few dozen steps, against a ResNet-18 on CIFAR-10 for 200 epochs — so read
 # the blue curve against the chance line only (the printed line above gives
-# the numbers). At the default size it may well stay within a couple of
-# points of chance: about 100 steps are too few for the encoder to see past the
-# nuisance factors of *shapes* (colour, position, texture; notebook 00), and
+# the numbers). At the default size it stays only a few points above
+# chance: about 100 steps are too few for the encoder to see past the
+# nuisance factors of *shapes* (position, size, texture; notebook 00), and
 # the published curve itself needed 10 epochs of about 100 steps to reach 48 %. The
 # loss on the right is the signal that does move in a short run. With
 # `DATASET = "cifar10"`, `EPOCHS = 200` and a GPU, the blue curve is the one
