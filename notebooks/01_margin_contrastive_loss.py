@@ -24,8 +24,9 @@
 #
 # **Prerequisites.** Notebook 00 (the `shapes` dataset and the augmentations); PyTorch basics.
 #
-# **Run time.** About 3 minutes at the default size on 2 CPU cores (no GPU, no download).
-# The measured time of your run is printed at the end.
+# **Run time.** About 3 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
+# times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
+# the end.
 
 # %% tags=["parameters"]
 SEED = 0                # seeds the data order, the augmentations and the weights
@@ -38,7 +39,7 @@ EMBED_DIM = 2           # output dimension of the margin model: 2, so that we ca
 INFONCE_DIM = 128       # output dimension of the InfoNCE model (as in MoCo)
 MARGIN = 1.0            # the margin of the contrastive loss
 T = 0.1                 # temperature of the InfoNCE softmax
-EPOCHS = 6              # passes over the training images, for each of the two models
+EPOCHS = 5              # passes over the training images, for each of the two models
 BATCH_SIZE = 128        # images per step: N positive pairs and N negative pairs per step
 LR = 0.06               # SGD learning rate (cosine decay)
 NUM_SHOW = 500          # test images drawn in the embedding scatter plots

@@ -23,8 +23,9 @@
 #
 # **Prerequisites.** Notebook 01 (pairs and the margin, InfoNCE with in-batch negatives).
 #
-# **Run time.** About 4 minutes at the default size on 2 CPU cores (no GPU, no download); the measured time
-# of your run is printed at the end.
+# **Run time.** About 4 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
+# times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
+# the end.
 
 # %% tags=["parameters"]
 SEED = 0                # seeds the data order, the augmentations and the weights
@@ -37,7 +38,7 @@ DIM = 128               # C, the feature dimension of q and k
 K = 4096                # queue size (number of negatives) of the main run
 T = 0.1                 # temperature of the main run
 M = 0.99                # momentum of the key encoder
-EPOCHS = 4              # epochs of the main run (the bound on the mutual information)
+EPOCHS = 2              # epochs of the main run (the bound on the mutual information)
 BATCH_SIZE = 128        # N, images per step
 LR = 0.06               # SGD learning rate (cosine decay)
 SWEEP_EPOCHS = 2        # epochs of each short run in the two sweeps

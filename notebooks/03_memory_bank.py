@@ -25,8 +25,9 @@
 #
 # **Prerequisites.** Notebook 02 (InfoNCE logits with the positive at index 0, the temperature T).
 #
-# **Run time.** About 3 minutes at the default size on 2 CPU cores (no GPU, no download); the measured time
-# of your run is printed at the end.
+# **Run time.** About 2 to 3 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
+# times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
+# the end.
 
 # %% tags=["parameters"]
 SEED = 0                # seeds the data order, the augmentations and the weights
