@@ -161,7 +161,8 @@ fig.savefig(out / "memory.png", dpi=100, bbox_inches="tight")
 # %% [markdown]
 # Notice the scale: the bank grows linearly with the dataset (at C = 128 float32 numbers per entry, 656 MB
 # for ImageNet and 512 GB for a billion images, more than any accelerator holds), while the queue is fixed
-# by K. This is the first reason MoCo replaces the bank with a queue.
+# by K. This is the first reason MoCo replaces the bank with a queue. (On our small dataset, with fewer
+# images than K, the bank can even be the smaller of the two: the extrapolation is the point.)
 
 # %% [markdown]
 # ## Training with the bank, and measuring staleness
@@ -219,6 +220,7 @@ fig, ax = plt.subplots(figsize=(5.5, 3.4))
 ax.plot(epochs, [b for b, _ in softmax_probes], marker="o", label="bank entry · fresh feature")
 ax.plot(epochs, [v for _, v in softmax_probes], marker="o", label="fresh augmented view · fresh feature")
 ax.set_xlabel("epoch (0: before training, the bank is random)"), ax.set_ylabel("mean cosine")
+ax.xaxis.get_major_locator().set_params(integer=True)
 ax.set_title(f"staleness of the bank ({NUM_STALE} training images)"), ax.legend(fontsize="small"), ax.grid(alpha=0.3)
 fig.tight_layout()
 fig.savefig(out / "staleness.png", dpi=100, bbox_inches="tight")
@@ -226,7 +228,10 @@ fig.savefig(out / "staleness.png", dpi=100, bbox_inches="tight")
 # %% [markdown]
 # At epoch 0 the bank holds random unit vectors, so its cosine with any feature is about 0. Notice how the
 # orange and blue curves compare after training starts: the distance between them is what staleness costs
-# per entry in this run (the printed table gives the numbers).
+# per entry in this run (the printed table gives the numbers). While the encoder changes fast (early, at a
+# high learning rate) an entry written some hundred steps ago can point far from today's feature, even
+# away from it (a negative cosine); as the cosine schedule lowers the learning rate the encoder moves less
+# per step and the entries can catch up.
 
 # %% [markdown]
 # ## NCE or a full softmax over the sampled negatives?
