@@ -27,9 +27,9 @@
 #
 # **Prerequisites.** Notebooks 02 (InfoNCE), 05 (the momentum encoder) and 08 (evaluation).
 #
-# **Run time.** At the default size about 3 minutes of CPU time (measured: 175 s, including the
+# **Run time.** At the default size about 3 minutes of CPU time (measured: 192 s, including the
 # first UMAP fit, which compiles code), so roughly 2–3 minutes on an otherwise idle 2-core laptop
-# CPU; on a machine shared with other jobs the same run took 12 minutes. The last cell prints this
+# CPU; on a machine shared with other jobs the same run took 17 minutes. The last cell prints this
 # run's wall-clock and CPU time.
 
 # %% tags=["parameters"]
