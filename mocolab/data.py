@@ -156,7 +156,8 @@ def _random_colors(lum: torch.Tensor, u_hue: torch.Tensor, u_chroma: torch.Tenso
 def _hash_noise(xs: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Deterministic white noise with unit variance per image from a key in [0, 1): (N,) -> (N, 3, S, S)."""
     size = xs.shape[0]
-    iy, ix = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij")
+    coords = torch.arange(size, dtype=torch.float64)
+    iy, ix = torch.meshgrid(coords, coords, indexing="ij")
     ch = torch.arange(3, dtype=torch.float64).view(1, 3, 1, 1)
     k = key.double().view(-1, 1, 1, 1) * 1000.0
     t = torch.sin(ix * 12.9898 + iy * 78.233 + ch * 37.719 + k * 3.917) * 43758.5453
@@ -497,7 +498,8 @@ def _torchvision_dataset(kind: str, split: str, root: Path, download: bool, tran
         if kind == "cifar10":
             if split not in ("train", "test"):
                 raise ValueError(f"split for 'cifar10' must be 'train' or 'test', got {split!r}")
-            return torchvision.datasets.CIFAR10(str(root), train=split == "train", download=download, transform=transform)
+            train = split == "train"
+            return torchvision.datasets.CIFAR10(str(root), train=train, download=download, transform=transform)
         splits = ("unlabeled", "train", "test", "train+unlabeled")
         if split not in splits:
             raise ValueError(f"split for 'stl10' must be one of {splits}, got {split!r}")
@@ -666,7 +668,8 @@ def get_dataset(
         from torchvision.datasets import ImageFolder
 
         return ImageFolder(str(_imagefolder_dir(path, split)), transform=transform)
-    return _torchvision_dataset(kind, split, Path(root) if root is not None else default_data_root(), download, transform)
+    root = Path(root) if root is not None else default_data_root()
+    return _torchvision_dataset(kind, split, root, download, transform)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -878,7 +881,9 @@ class BatchAugment(nn.Module):
             raise ValueError(f"p_flip must be in [0, 1], got {p_flip}")
         b, c, s, h = (float(v) for v in cfg["jitter"])
         if min(b, c, s) < 0 or not 0 <= h <= 0.5:
-            raise ValueError(f"jitter must be (brightness>=0, contrast>=0, saturation>=0, 0<=hue<=0.5), got {cfg['jitter']}")
+            raise ValueError(
+                f"jitter must be (brightness>=0, contrast>=0, saturation>=0, 0<=hue<=0.5), got {cfg['jitter']}"
+            )
         if not 0 < sigma[0] <= sigma[1]:
             raise ValueError(f"sigma must satisfy 0 < min <= max, got {sigma}")
         m, sd = normalization_stats(image_size)

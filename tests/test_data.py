@@ -280,7 +280,8 @@ def test_two_crops_gives_two_different_views():
 def test_moco_transform_recipes():
     names = lambda t: [type(op).__name__ for op in t.transforms]  # noqa: E731
     v1 = names(moco_v1_transform(224))
-    assert v1 == ["RandomResizedCrop", "RandomGrayscale", "ColorJitter", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    recipe = ["RandomResizedCrop", "RandomGrayscale", "ColorJitter", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert v1 == recipe
     v2_small, v2_large = moco_v2_transform(32), moco_v2_transform(224)
     assert "RandomApply" in names(v2_small) and len(v2_large.transforms) == len(v2_small.transforms) + 1
     blur = v2_large.transforms[3]
