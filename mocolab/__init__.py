@@ -21,8 +21,8 @@ from .momentum import MomentumUpdater, cosine_momentum, momentum_update
 from .progress import progress
 from .queue import KeyQueue
 from .shuffle_bn import SplitBatchNorm, batch_shuffle, batch_unshuffle, concat_all_gather, convert_split_bn
-from .data import (BatchAugment, TwoCropsTransform, get_dataset, load_images, make_shapes, moco_v1_transform,
-                   moco_v2_transform, normalize, shared_cifar10_small)
+from .data import (BatchAugment, ShapesDataset, TwoCropsTransform, describe_augmentation, get_dataset, load_images,
+                   make_shapes, moco_v1_transform, moco_v2_transform, normalize, shared_cifar10_small)
 from .multiview import CMC, lab_views, rgb_to_lab
 from .hard_negatives import (ClusterMoCo, DebiasedMoCo, MoCHi, false_negative_rate, kmeans,
                              mix_hard_negatives)
