@@ -10,9 +10,11 @@ Three ways to get images:
   :class:`TwoCropsTransform` and :func:`moco_v1_transform` /
   :func:`moco_v2_transform` in a ``DataLoader``.
 * :func:`make_shapes` generates the bundled synthetic dataset "shapes": the
-  class is the *shape* of one object, everything else (colours, background
+  class is the *shape* of one object; everything else (grey levels, background
   texture, position, size, rotation, clutter) is a nuisance that raw pixels
   cannot see past, but that the MoCo augmentations teach an encoder to ignore.
+  Its variant "shapes-color" adds random hues, which the MoCo v2 augmentation
+  does not remove well enough for a short run.
 
 Letter legend: N images in a batch, H x W input size, S output size.
 """
