@@ -188,8 +188,12 @@ fig.tight_layout()
 fig.savefig(out / "momentum_sweep.png", dpi=100, bbox_inches="tight")
 
 # %% [markdown]
-# Notice whether the consistency panels rise with m (they should: a slower key
-# encoder drifts less per step), and where the kNN curve peaks. In the paper the
+# Notice whether the consistency panels rise with m. For the same motion of the
+# query encoder a larger m means less drift per step, but the runs do not move
+# their query encoders alike: a run whose training fails (m = 0 in notebook 04)
+# may hardly move it at all, and then even its m = 0 queue looks consistent.
+# Read the consistency together with the loss and kNN curves below. Then look
+# at where the kNN curve peaks. In the paper the
 # peak is at m = 0.999 after about a million steps; the summary below says where
 # it is in this run, which is a few hundred steps long.
 #
@@ -283,10 +287,15 @@ print(f"notebook ran in {metrics['seconds']:.0f} s")
 #   over more steps, so the key encoder drifts less per step; the consistency
 #   panels measure this (the printed summary says whether they rose with m in
 #   this run).
-# - The best m depends on the length of training: the MoCo paper's 0.999 has a
-#   time constant of 1,000 steps, short against its million or so steps. In a
-#   run of a few hundred steps a key encoder with m = 0.999 has barely left its
-#   initialisation.
+# - The time constant 1 / (1 − m) only means something against the length of
+#   training: the MoCo paper's 0.999 (1,000 steps) is short against its million
+#   or so steps. In a run of a few hundred steps a key encoder with m = 0.999 has
+#   barely left its initialisation, so its keys are close to those of a fixed
+#   random encoder; compare its kNN accuracy above with the others to see how
+#   much a query encoder can learn from such keys in this run.
+# - The momentum makes each key a function of a smoothly changing encoder; it
+#   does not by itself make every measure of consistency rise at every m in a
+#   short run (the summary above says what this run showed).
 # - The same idea stabilises the targets of DQN (a periodically copied target
 #   network) and DDPG (Polyak averaging), and reappears in BYOL and DINO.
 #
