@@ -322,6 +322,8 @@ print(f"random init {random_init_knn_acc:.1f} %, margin {margin_knn_acc:.1f} %, 
       f"(InfoNCE − margin = {gap:+.1f} points, one seed, {EPOCHS} epochs of {len(x_train) // BATCH_SIZE} steps)")
 if abs(gap) < 2:
     print("At this budget the two are within 2 points: one seed cannot tell them apart.")
+print(f"pretext accuracy in the last epoch (chance {100 / BATCH_SIZE:.1f} %): margin "
+      f"{margin_hist['pretext_acc'][-1]:.1f} %, InfoNCE {infonce_hist['pretext_acc'][-1]:.1f} %")
 
 seconds, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
 metrics = {
