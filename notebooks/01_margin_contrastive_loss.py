@@ -144,8 +144,8 @@ fig.savefig(out / "pairs.png", dpi=100, bbox_inches="tight")
 
 # %% [markdown]
 # Each column of *view 1* and *view 2* is a positive pair; view 1 of column i with view 2 of column i+1 is
-# a negative pair. Notice how much colour, position and scale change inside a positive pair: those are the
-# nuisances the encoder must learn to ignore.
+# a negative pair. Notice how much brightness, contrast, position and scale change inside a positive pair:
+# those are the nuisances the encoder must learn to ignore.
 
 # %% [markdown]
 # ## The margin model
