@@ -390,8 +390,9 @@ else:
 
 # %% [markdown]
 # Whether pretraining on one dataset helps on another depends on what the two share. Synthetic
-# shapes and CIFAR-10 photos share low-level statistics (edges, colour blobs) but not their classes;
-# an encoder that learned to ignore colour and texture on `shapes` may have thrown away exactly what
+# shapes and CIFAR-10 photos share low-level statistics (edges, light and dark blobs) but not their
+# classes, and the grey-level shapes carry no colour at all; an encoder that learned to ignore
+# brightness, contrast and texture on `shapes` may have thrown away exactly what
 # distinguishes a frog from a truck. Compare the ranking printed above with the one on `DATASET`:
 # a representation that wins at home and loses abroad has specialised.
 #
