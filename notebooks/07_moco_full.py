@@ -31,9 +31,9 @@
 # 06 (shuffle BN): this notebook puts those pieces together and does not
 # re-derive them.
 #
-# **Run time.** About 3–4 minutes on a two-core laptop CPU at the default
+# **Run time.** About 4 minutes on a two-core laptop CPU at the default
 # size (a ConvNet on 1,000 bundled *shapes* images, four short runs of about
-# 100 steps each); no download. For the real recipe set `DATASET = "cifar10"`, `ARCH =
+# 90 steps each); no download. For the real recipe set `DATASET = "cifar10"`, `ARCH =
 # "resnet18-cifar"`, `NUM_IMAGES = None`, `EPOCHS = 200`, `BATCH_SIZE = 512`,
 # `K = 4096`, `KNN_EVERY = 1` and a GPU (`DEVICE = "cuda"`): about 85 minutes
 # on one V100 according to the official demo.
@@ -45,7 +45,7 @@ DATASET = "shapes"  # "shapes" (bundled), "cifar10-small" (offline CIFAR subset)
 DOWNLOAD = False  # download cifar10 / stl10 into $MOCOLAB_DATA or <repo>/data if missing
 ARCH = "convnet"  # encoder: "convnet" (CPU), "resnet18-cifar" (the recipe's, GPU), "resnet18", "resnet50"
 NUM_IMAGES = 1000  # training images (a class-balanced subset); None: the whole training split
-EPOCHS = 7  # epochs of every run (the recipe: 200)
+EPOCHS = 6  # epochs of every run (the recipe: 200)
 BATCH_SIZE = 64  # images per step (the recipe: 512); must be divisible by the 8 BN groups
 K = 512  # queue size (the recipe: 4096); keep it below NUM_IMAGES, or the queue holds stale copies of each query's own image
 KNN_EVERY = 1  # kNN monitor every this many epochs
@@ -264,11 +264,13 @@ print(f"final kNN from {min(accs.values()):.1f} % ({min(accs, key=accs.get)}) to
       f"({max(accs, key=accs.get)}): a spread of {max(accs.values()) - min(accs.values()):.1f} points")
 if "symmetric" in results:
     print(f"the symmetric run took {results['symmetric']['seconds'] / results['recipe']['seconds']:.1f}x "
-          f"the recipe's time")
+          f"the recipe's wall-clock time")
 
 # %% [markdown]
-# **What to notice.** The symmetric loss encodes every image twice per step
-# and costs about twice the time (the printed ratio); compare it with the
+# **What to notice.** The symmetric loss encodes every image twice per step,
+# so on an otherwise idle machine it takes about twice the time (the printed
+# ratio; on a shared machine wall-clock times also follow whatever else is
+# running); compare it with the
 # recipe at equal *time* as well as equal epochs before calling it better
 # (the published 200-epoch figures: 82.6 % asymmetric, 85.3 % symmetric).
 # At this size a spread of a few points between the four runs is within what
