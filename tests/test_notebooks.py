@@ -120,7 +120,7 @@ def check_03(metrics: dict, output_dir: Path) -> None:
         values = metrics[key]
         assert len(values) == params["EPOCHS"], (key, values)
         assert all(_finite_number(v) and -1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in values), (key, values)
-    for key in ("softmax_knn_acc", "nce_knn_acc"):
+    for key in ("random_init_knn_acc", "softmax_knn_acc", "nce_knn_acc"):
         assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
     for name in ("memory", "staleness", "nce_vs_softmax"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
