@@ -144,9 +144,12 @@ class MoCo(KeyQueue):
 
     def _contrast(self, im_q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         q = F.normalize(self.encoder_q(im_q), dim=1)  # queries: (N, C)
-        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
-        l_neg = torch.einsum("nc,ck->nk", q, negatives)  # (N, K)
-        return torch.cat([l_pos, l_neg], dim=1) / self.T  # (N, 1+K)
+        # dividing q by T (N·C values) instead of the logits (N·(1+K) values) saves a pass over
+        # the largest tensor of the step, forward and backward; the logits are the same
+        q = q / self.T
+        l_pos = (q * k.to(q.dtype)).sum(dim=1, keepdim=True)  # "nc,nc->n": (N, 1)
+        l_neg = torch.mm(q, negatives.to(q.dtype))  # "nc,ck->nk": (N, K)
+        return torch.cat([l_pos, l_neg], dim=1)  # (N, 1+K), already divided by T
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None):
         """One MoCo step: logits and labels, then the momentum update and the enqueue.
