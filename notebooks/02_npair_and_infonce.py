@@ -280,6 +280,8 @@ fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
 mocolab.plot_sweep(temperature_sweep, "temperature T", "kNN accuracy (%)", ax=ax[0], categorical=True,
                    label=f"this notebook ({DATASET}, ConvNet, {SWEEP_EPOCHS} ep, kNN)",
                    title=f"measured, K = {K}")
+ax[0].axhline(init_knn_acc, color="grey", linestyle=":", label="before training")
+ax[0].legend(fontsize="small", frameon=False)
 mocolab.plot_sweep(moco_v2_linear_head, "temperature T", "ImageNet linear top-1 (%)", ax=ax[1], categorical=True,
                    label="MoCo v2 paper, linear head (R50, 200 ep)", title="published (not measured here)")
 fig.tight_layout()
@@ -294,7 +296,8 @@ fig.savefig(out / "temperature_sweep.png", dpi=100, bbox_inches="tight")
 # %%
 best_T = max(temperature_sweep, key=temperature_sweep.get)
 print(f"best T in this run: {best_T} ({temperature_sweep[best_T]:.1f} %); "
-      f"spread across T: {max(temperature_sweep.values()) - min(temperature_sweep.values()):.1f} points")
+      f"spread across T: {max(temperature_sweep.values()) - min(temperature_sweep.values()):.1f} points; "
+      f"the same encoder before training: {init_knn_acc:.1f} %")
 
 # %% [markdown]
 # ## Sweeping the number of negatives K
@@ -310,6 +313,8 @@ negatives_sweep = {K_run: short_run(T, K_run) for K_run in QUEUE_SIZES}
 print("kNN accuracy (%) by queue size K:", negatives_sweep)
 fig = mocolab.plot_sweep(negatives_sweep, "queue size K (negatives per query)", "kNN accuracy (%)", xscale="log",
                          label=f"this notebook ({SWEEP_EPOCHS} ep, T = {T})", title="number of negatives")
+fig.axes[0].axhline(init_knn_acc, color="grey", linestyle=":", label="before training")
+fig.axes[0].legend(fontsize="small", frameon=False)
 fig.savefig(out / "negatives_sweep.png", dpi=100, bbox_inches="tight")
 
 # %% [markdown]
