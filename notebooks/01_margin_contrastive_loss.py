@@ -24,7 +24,7 @@
 #
 # **Prerequisites.** Notebook 00 (the `shapes` dataset and the augmentations); PyTorch basics.
 #
-# **Run time.** About 3 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
+# **Run time.** About 2 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
 # times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
 # the end.
 

@@ -23,7 +23,7 @@
 #
 # **Prerequisites.** Notebook 01 (pairs and the margin, InfoNCE with in-batch negatives).
 #
-# **Run time.** About 4 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
+# **Run time.** About 3 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
 # times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
 # the end.
 

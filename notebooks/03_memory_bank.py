@@ -25,7 +25,7 @@
 #
 # **Prerequisites.** Notebook 02 (InfoNCE logits with the positive at index 0, the temperature T).
 #
-# **Run time.** About 2 to 3 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
+# **Run time.** About 2 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
 # times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
 # the end.
 
@@ -253,7 +253,7 @@ nce_model, nce_hist, nce_probes = train_bank("nce")
 nce_knn_acc = nce_hist["knn_acc"][-1]
 print(f"NCE: kNN by epoch (0 = before training) {nce_hist['knn_acc']} % (Z = {float(nce_model.nce.Z):.4g})")
 print(f"softmax {softmax_knn_acc:.1f} % vs NCE {nce_knn_acc:.1f} % after {EPOCHS} epochs "
-      f"(difference {softmax_knn_acc - nce_knn_acc:+.1f} points, one seed)")
+      f"(difference {softmax_knn_acc - nce_knn_acc:+.1f} points, one seed); before training {random_init_knn_acc:.1f} %")
 
 fig, ax = plt.subplots(figsize=(5.5, 3.4))
 ax.plot(softmax_hist["knn_epoch"], softmax_hist["knn_acc"], marker="o", label="softmax (cross-entropy)")
