@@ -24,17 +24,17 @@
 #
 # **Prerequisites.** Notebook 00 (the `shapes` dataset and the augmentations); PyTorch basics.
 #
-# **Run time.** About 2 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
-# times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
+# **Run time.** About 1 to 3 minutes at the default size on 2 CPU cores (no GPU, no download), depending on
+# what else the machine runs; several times longer on a heavily shared machine. The wall-clock and CPU time of your run are printed at
 # the end.
 
 # %% tags=["parameters"]
 SEED = 0                # seeds the data order, the augmentations and the weights
 DEVICE = "auto"         # "auto" (CUDA > MPS > CPU), "cpu", "cuda"
 DATASET = "shapes"      # the bundled synthetic dataset; "cifar10", "stl10" or an ImageFolder path also work
-NUM_TRAIN = 2000        # training images (also the kNN bank)
+NUM_TRAIN = 3000        # training images (also the kNN bank)
 NUM_TEST = 500          # test images (the kNN queries)
-WIDTH = 16              # ConvNet width w (channels w, 2w, 4w, 8w)
+WIDTH = 32              # ConvNet width w (channels w, 2w, 4w, 8w)
 EMBED_DIM = 2           # output dimension of the margin model: 2, so that we can look at it directly
 INFONCE_DIM = 128       # output dimension of the InfoNCE model (as in MoCo)
 MARGIN = 1.0            # the margin of the contrastive loss

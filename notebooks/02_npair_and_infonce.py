@@ -23,17 +23,17 @@
 #
 # **Prerequisites.** Notebook 01 (pairs and the margin, InfoNCE with in-batch negatives).
 #
-# **Run time.** About 3 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
-# times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
+# **Run time.** About 1 to 3 minutes at the default size on 2 CPU cores (no GPU, no download), depending on
+# what else the machine runs; several times longer on a heavily shared machine. The wall-clock and CPU time of your run are printed at
 # the end.
 
 # %% tags=["parameters"]
 SEED = 0                # seeds the data order, the augmentations and the weights
 DEVICE = "auto"         # "auto" (CUDA > MPS > CPU), "cpu", "cuda"
 DATASET = "shapes"      # the bundled synthetic dataset; "cifar10", "stl10" or an ImageFolder path also work
-NUM_TRAIN = 2000        # training images (also the kNN bank)
+NUM_TRAIN = 3000        # training images (also the kNN bank)
 NUM_TEST = 500          # test images (the kNN queries)
-WIDTH = 16              # ConvNet width w (channels w, 2w, 4w, 8w)
+WIDTH = 32              # ConvNet width w (channels w, 2w, 4w, 8w)
 DIM = 128               # C, the feature dimension of q and k
 K = 4096                # queue size (number of negatives) of the main run
 T = 0.1                 # temperature of the main run

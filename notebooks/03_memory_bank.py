@@ -25,8 +25,8 @@
 #
 # **Prerequisites.** Notebook 02 (InfoNCE logits with the positive at index 0, the temperature T).
 #
-# **Run time.** About 2 minutes at the default size on a quiet 2-core CPU (no GPU, no download); several
-# times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
+# **Run time.** About 1.5 to 3 minutes at the default size on 2 CPU cores (no GPU, no download), depending
+# on what else the machine runs; several times longer on a heavily shared machine. The wall-clock and CPU time of your run are printed at
 # the end.
 
 # %% tags=["parameters"]
