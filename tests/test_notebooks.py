@@ -120,9 +120,11 @@ def check_03(metrics: dict, output_dir: Path) -> None:
         values = metrics[key]
         assert len(values) == params["EPOCHS"], (key, values)
         assert all(_finite_number(v) and -1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in values), (key, values)
-    for key in ("random_init_knn_acc", "softmax_knn_acc", "nce_knn_acc"):
+    for key in ("random_init_knn_acc", "softmax_knn_acc", "nce_knn_acc", "moco_random_init_knn_acc", "moco_knn_acc"):
         assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
-    for name in ("memory", "staleness", "nce_vs_softmax"):
+    assert len(metrics["moco_knn_curve"]) == params["EPOCHS"] + 1
+    assert metrics["moco_knn_curve"][-1] == metrics["moco_knn_acc"]
+    for name in ("memory", "staleness", "nce_vs_softmax", "bank_vs_moco"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
 
@@ -150,6 +152,16 @@ def check_10(metrics: dict, output_dir: Path) -> None:
         assert _finite_number(metrics[key]) and 0.0 <= metrics[key] <= 1.0, f"{key} = {metrics[key]!r}"
     # MoCHi mixes the hardest keys (and the query): its negatives are harder than the queue's on average
     assert metrics["mochi_synthetic_sim_mean"] > metrics["mochi_queue_sim_mean"]
+    # CMC runs on colour photos when the CIFAR-10 subset is on this machine, else on the notebook's data
+    from mocolab.data import shared_cifar10_small
+
+    expected = "cifar10-small" if shared_cifar10_small() is not None else "shapes"
+    assert metrics["cmc_dataset"] == expected, metrics["cmc_dataset"]
+    for key in ("cmc_moco_knn_acc", "cmc_random_init_knn_acc", "cmc_l_knn_acc", "cmc_ab_knn_acc"):
+        assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
+    for key in ("same_before", "other_before", "same_after", "other_after"):
+        v = metrics[f"cmc_agreement_{key}"]
+        assert _finite_number(v) and -1.0 - 1e-5 <= v <= 1.0 + 1e-5, (key, v)
     for name in ("lab_views", "mochi_similarities", "knn_summary"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
