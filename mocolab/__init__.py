@@ -10,8 +10,8 @@ import importlib
 
 from .device import get_device, seed_everything
 from .encoders import ConvNet, MLPHead, add_mlp_head, backbone, build_encoder, cifar_resnet18, torchvision_resnet
-from .evaluate import (evaluate_knn, extract_features, knn_accuracy, knn_predict, linear_probe, per_class_subset,
-                       train_supervised)
+from .evaluate import (accuracy_noise, compare_accuracies, evaluate_knn, extract_features, knn_accuracy, knn_predict,
+                       linear_probe, per_class_subset, train_supervised)
 from .losses import (NCECriterion, debiased_infonce_loss, infonce_logits, infonce_loss, margin_contrastive_loss,
                      nce_loss, npair_loss)
 from .memory_bank import MemoryBank

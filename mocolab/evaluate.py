@@ -8,6 +8,7 @@ similarity), each vote weighted by ``exp(sim / t)`` with t = 0.1.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from .losses import check_temperature
 
 __all__ = ["extract_features", "knn_predict", "knn_accuracy", "linear_probe", "evaluate_knn", "per_class_subset",
-           "train_supervised"]
+           "train_supervised", "accuracy_noise", "compare_accuracies"]
 
 
 @torch.no_grad()
@@ -263,3 +264,37 @@ def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     model.eval()
     return {"step_loss": step_loss, "train_acc": 100.0 * correct / max(1, seen), "steps": total,
             "batch_size": batch, "train_seconds": time.perf_counter() - t0}
+
+
+def accuracy_noise(acc: float, num_test: int) -> float:
+    """Two standard errors, in percentage points, of the difference of two accuracies near ``acc`` %.
+
+    Each accuracy measured on ``num_test`` images has a standard error of ``sqrt(p(1 − p)/n)``;
+    the difference of two independent ones ``sqrt(2p(1 − p)/n)``, and twice that is the noise
+    band used to call a difference real. (Two models scored on the *same* test images make
+    correlated errors, so the band is on the cautious side.) p is clamped to [0.01, 0.99].
+
+    Raises:
+        ValueError: ``num_test`` < 1 or ``acc`` outside [0, 100].
+    """
+    if int(num_test) < 1:
+        raise ValueError(f"num_test must be >= 1, got {num_test}")
+    if not 0.0 <= float(acc) <= 100.0:
+        raise ValueError(f"acc is a percentage in [0, 100], got {acc}")
+    p = min(max(float(acc) / 100.0, 0.01), 0.99)
+    return 100.0 * 2.0 * math.sqrt(2.0 * p * (1.0 - p) / int(num_test))
+
+
+def compare_accuracies(name: str, acc: float, ref_name: str, ref: float, num_test: int) -> str:
+    """One sentence comparing two accuracies (%) that stays true whatever the numbers are.
+
+    The verdict is "higher" or "lower" only when the difference exceeds
+    :func:`accuracy_noise` of the reference, else "within the test-set noise".
+
+    Example:
+        ``compare_accuracies("MoCo", 36.4, "random init", 21.0, 1000)`` ->
+        ``"MoCo 36.4 % vs random init 21.0 % (+15.4 points, noise ±3.6): higher"``
+    """
+    diff, tol = float(acc) - float(ref), accuracy_noise(ref, num_test)
+    verdict = "within the test-set noise" if abs(diff) < tol else ("higher" if diff > 0 else "lower")
+    return f"{name} {acc:.1f} % vs {ref_name} {ref:.1f} % ({diff:+.1f} points, noise ±{tol:.1f}): {verdict}"

@@ -56,7 +56,6 @@ OUTPUT_DIR = "runs/03_memory_bank"  # figures and metrics.json go here
 
 # %%
 import json
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -288,22 +287,10 @@ fig.savefig(out / "nce_vs_softmax.png", dpi=100, bbox_inches="tight")
 # What to expect: a bank entry is written once per epoch, so in the first epoch every positive is a random
 # vector from the initial bank, and after `EPOCHS` epochs each entry has been written only `EPOCHS` times.
 # Wu et al. trained for 200 epochs. The cell prints how far each run moved from the random-init encoder,
-# against the noise of the test set.
+# against the noise of the test set: `mocolab.compare_accuracies` says "higher" or "lower" only when the
+# difference is larger than two standard errors (`mocolab.accuracy_noise`), else "within the test-set noise".
 
 # %%
-def noise_points(acc):
-    """Two standard errors of the difference of two accuracies (%) measured on the same NUM_TEST images."""
-    p = min(max(acc / 100, 0.01), 0.99)
-    return 100 * 2 * math.sqrt(2 * p * (1 - p) / len(x_test))
-
-
-def versus(name, acc, ref_name, ref):
-    """A sentence that stays true whatever the numbers: above, below, or within the noise."""
-    diff, tol = acc - ref, noise_points(ref)
-    verdict = "within the test-set noise" if abs(diff) < tol else ("above" if diff > 0 else "below")
-    return f"{name} {acc:.1f} % vs {ref_name} {ref:.1f} % ({diff:+.1f} points, noise ±{tol:.1f}): {verdict}"
-
-
 mocolab.seed_everything(SEED)
 moco = mocolab.MoCo(encoder_fn, dim=DIM, K=K, m=MOCO_M, T=T).to(device)
 moco_random_init_knn_acc = mocolab.evaluate_knn(moco.encoder_q, x_train, y_train, x_test, y_test)
@@ -315,8 +302,8 @@ print(f"MoCo: kNN by epoch (0 = before training) {moco_knn_curve} %")
 for name, acc, init in (("bank + softmax", softmax_knn_acc, random_init_knn_acc),
                         ("bank + NCE", nce_knn_acc, random_init_knn_acc),
                         ("MoCo", moco_knn_acc, moco_random_init_knn_acc)):
-    print(versus(name, acc, "its random init", init))
-print(versus("MoCo", moco_knn_acc, "bank + softmax", softmax_knn_acc))
+    print(mocolab.compare_accuracies(name, acc, "its random init", init, len(x_test)))
+print(mocolab.compare_accuracies("MoCo", moco_knn_acc, "bank + softmax", softmax_knn_acc, len(x_test)))
 
 fig, ax = plt.subplots(figsize=(5.5, 3.4))
 ax.plot(softmax_hist["knn_epoch"], softmax_hist["knn_acc"], marker="o", label="memory bank, softmax")

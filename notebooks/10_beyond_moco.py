@@ -82,7 +82,6 @@ OUTPUT_DIR = "runs/10_beyond_moco"  # figures and metrics.json go here
 import copy
 import functools
 import json
-import math
 import time
 from pathlib import Path
 
@@ -94,7 +93,7 @@ import mocolab
 from mocolab.data import BatchAugment, load_images, normalize
 from mocolab.distill import ContrastiveDistill
 from mocolab.encoders import ConvNet
-from mocolab.evaluate import evaluate_knn
+from mocolab.evaluate import accuracy_noise, compare_accuracies, evaluate_knn
 from mocolab.hard_negatives import ClusterMoCo, DebiasedMoCo, MoCHi, false_negative_rate, mix_hard_negatives
 from mocolab.losses import debiased_infonce_loss
 from mocolab.moco import MoCo
@@ -136,22 +135,14 @@ def train(name, model, augmentation=augment, data=None):
     return hist
 
 
-def noise_points(acc):
-    """Two standard errors of the difference of two accuracies measured on the same NUM_TEST images."""
-    p = min(max(acc / 100, 0.01), 0.99)
-    return 100 * 2 * math.sqrt(2 * p * (1 - p) / len(x_test))
+def noise(acc):
+    """The test-set noise band of an accuracy (%): two standard errors of a difference (mocolab.accuracy_noise)."""
+    return accuracy_noise(acc, len(x_test))
 
 
 def compare(name, acc, ref_name, ref):
-    """A sentence that stays true whatever the numbers: better, worse, or within the noise."""
-    diff, tol = acc - ref, noise_points(ref)
-    if abs(diff) < tol:
-        verdict = f"within the noise of a {len(x_test)}-image test set (±{tol:.1f}): no measurable effect here"
-    elif diff > 0:
-        verdict = f"better by more than the test-set noise (±{tol:.1f})"
-    else:
-        verdict = f"worse by more than the test-set noise (±{tol:.1f})"
-    return f"{name} {acc:.1f} % vs {ref_name} {ref:.1f} % ({diff:+.1f} points): {verdict} (one seed)."
+    """Higher, lower or within the noise, with the numbers (mocolab.compare_accuracies); one seed."""
+    return compare_accuracies(name, acc, ref_name, ref, len(x_test)) + " (one seed)"
 
 
 # %% [markdown]
@@ -166,7 +157,7 @@ print(f"random-init encoder: kNN {random_init_knn_acc:.1f} % (chance {100 / num_
 torch.manual_seed(SEED)
 moco = MoCo(encoder, dim=DIM, K=K, m=MOMENTUM, T=T)
 moco_hist = train("MoCo", moco)
-if abs(results["MoCo"] - random_init_knn_acc) < noise_points(random_init_knn_acc):
+if abs(results["MoCo"] - random_init_knn_acc) < noise(random_init_knn_acc):
     print(f"MoCo has not moved beyond a random encoder at this budget ({results['MoCo']:.1f} % vs "
           f"{random_init_knn_acc:.1f} %, within the test-set noise), so the comparisons below are unlikely to "
           f"show more than noise. Raise EPOCHS and NUM_IMAGES to see the methods differ.")
@@ -446,7 +437,7 @@ crd_student_knn_acc, l2_student_knn_acc = results["student (crd)"], results["stu
 print(f"teacher (width {WIDTH}) {teacher_knn_acc:.1f} %, random-init student (width {STUDENT_WIDTH}) "
       f"{student_random_knn_acc:.1f} %")
 print(compare("CRD student", crd_student_knn_acc, "L2 student", l2_student_knn_acc))
-if abs(teacher_knn_acc - random_init_knn_acc) < noise_points(random_init_knn_acc):
+if abs(teacher_knn_acc - random_init_knn_acc) < noise(random_init_knn_acc):
     print("The teacher is no better than a random encoder here, so there is little to distil: "
           "read this comparison only after training the teacher longer.")
 print(f"The CRD student is {crd_student_knn_acc - teacher_knn_acc:+.1f} points from its teacher, "
@@ -462,7 +453,7 @@ names = ["MoCo"] + (["CMC"] if cmc_dataset == DATASET else []) + ["MoCHi", "debi
 fig, ax = plt.subplots(figsize=(8, 3.4))
 colors = ["tab:grey"] + ["tab:blue"] * (len(names) - 3) + ["tab:green"] * 2
 ax.bar(names, [results[n] for n in names], color=colors)
-tol = noise_points(results["MoCo"])
+tol = noise(results["MoCo"])
 ax.axhspan(results["MoCo"] - tol, results["MoCo"] + tol, color="tab:grey", alpha=0.15,
            label=f"MoCo ± test-set noise ({tol:.1f} points)")
 ax.axhline(random_init_knn_acc, color="black", linestyle=":", label="random-init encoder")
@@ -506,7 +497,7 @@ metrics = {
     "l2_student_knn_acc": l2_student_knn_acc,
     "student_random_init_knn_acc": student_random_knn_acc,
     "random_init_knn_acc": random_init_knn_acc,
-    "test_noise_points": noise_points(results["MoCo"]),
+    "test_noise_points": noise(results["MoCo"]),
     "train_seconds": seconds,
     "epochs": EPOCHS,
     "steps_per_run": EPOCHS * steps_per_epoch,

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,3 +74,27 @@ def test_train_supervised_learns_colour_classes():
     assert (model(images.float() / 255).argmax(1) == labels).all()
     with pytest.raises(ValueError, match="must match"):
         train_supervised(model, images, labels[:5], lambda x, generator=None: x.float())
+
+
+def test_accuracy_noise_is_two_standard_errors_of_a_difference():
+    from mocolab.evaluate import accuracy_noise
+
+    # p = 0.5, n = 1000: SE of one accuracy 1.58 points, of a difference 2.24, two SE 4.47
+    assert accuracy_noise(50.0, 1000) == pytest.approx(200 * math.sqrt(2 * 0.25 / 1000))
+    assert accuracy_noise(50.0, 4000) == pytest.approx(accuracy_noise(50.0, 1000) / 2)  # 1/sqrt(n)
+    assert accuracy_noise(0.0, 100) == accuracy_noise(1.0, 100) > 0  # p clamped to 1 %
+    with pytest.raises(ValueError, match="num_test"):
+        accuracy_noise(50.0, 0)
+    with pytest.raises(ValueError, match="percentage"):
+        accuracy_noise(0.5e3, 100)
+
+
+def test_compare_accuracies_verdicts_follow_the_noise_band():
+    from mocolab.evaluate import accuracy_noise, compare_accuracies
+
+    tol = accuracy_noise(20.0, 1000)  # about 3.6 points
+    assert compare_accuracies("a", 20.0 + tol + 0.1, "b", 20.0, 1000).endswith(": higher")
+    assert compare_accuracies("a", 20.0 - tol - 0.1, "b", 20.0, 1000).endswith(": lower")
+    assert compare_accuracies("a", 20.0 + tol - 0.1, "b", 20.0, 1000).endswith("within the test-set noise")
+    line = compare_accuracies("MoCo", 36.4, "random init", 21.0, 1000)
+    assert line.startswith("MoCo 36.4 % vs random init 21.0 % (+15.4 points, noise ±")
