@@ -145,6 +145,13 @@ class CMC(nn.Module):
         views: ``"two_crops"`` or ``"same_crop"`` (see above).
         mean, std: the normalisation of the input images (default: CIFAR-10 statistics, as BatchAugment at 32 px).
         queue_init: ``"random"`` or ``"empty"`` (see :class:`~mocolab.queue.KeyQueue`).
+        out_bn: end each view's encoder with a ``BatchNorm1d(dim)`` before the L2 normalisation
+            (default True; CMC's AlexNet halves also normalise their fully connected layers). A freshly
+            initialised small ConvNet maps every image to nearly the same direction; MoCo's query and key
+            encoders start as copies, so their small variations agree from the first step, but CMC's two
+            encoders are unrelated. Without the output BN they align on that shared direction and stay
+            there (the L·ab cosine of an image's two views equals that of different images; notebook 10
+            measures it). The BN removes the shared direction.
 
     Shape:
         forward(im_q (N, 3, H, W), im_k (N, 3, H, W)) -> logits (2N, 1+K), labels (2N,) zeros.
@@ -155,7 +162,7 @@ class CMC(nn.Module):
 
     def __init__(self, base_encoder: Callable[..., nn.Module], dim: int = 128, K: int = 4096, m: float = 0.99,
                  T: float = 0.07, *, views: str = "two_crops", mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, queue_init: str = "random"):
+                 std: Sequence[float] | None = None, queue_init: str = "random", out_bn: bool = True):
         super().__init__()
         if views not in CMC_VIEWS:
             raise ValueError(f"views must be one of {CMC_VIEWS}, got {views!r}")
@@ -164,14 +171,19 @@ class CMC(nn.Module):
         self.mean, self.std = tuple(mean or m0), tuple(std or s0)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std must be 3 numbers each, std > 0; got {mean}, {std}")
-        self.encoder_l = base_encoder(num_classes=dim, in_channels=1)
-        self.encoder_ab = base_encoder(num_classes=dim, in_channels=2)
+        self.out_bn = bool(out_bn)
+        self.encoder_l = self._view_encoder(base_encoder, dim, in_channels=1)
+        self.encoder_ab = self._view_encoder(base_encoder, dim, in_channels=2)
         self.encoder_l_k, self.encoder_ab_k = copy.deepcopy(self.encoder_l), copy.deepcopy(self.encoder_ab)
         for p in list(self.encoder_l_k.parameters()) + list(self.encoder_ab_k.parameters()):
             p.requires_grad = False
         self.queue_l = KeyQueue(dim, K, init=queue_init)  # L keys: negatives of the ab queries
         self.queue_ab = KeyQueue(dim, K, init=queue_init)  # ab keys: negatives of the L queries
         self._updaters()
+
+    def _view_encoder(self, base_encoder: Callable[..., nn.Module], dim: int, in_channels: int) -> nn.Module:
+        encoder = base_encoder(num_classes=dim, in_channels=in_channels)
+        return nn.Sequential(encoder, nn.BatchNorm1d(dim)) if self.out_bn else encoder  # (N, C)
 
     def _updaters(self) -> None:
         self._momentum = [MomentumUpdater(self.encoder_l_k, self.encoder_l),

@@ -72,12 +72,17 @@ def small(num_classes=16, in_channels=3):
     return ConvNet(num_classes=num_classes, width=4, in_channels=in_channels)
 
 
+@pytest.mark.parametrize("out_bn", [True, False])
 @pytest.mark.parametrize("views", ["two_crops", "same_crop"])
-def test_cmc_forward_shapes_loss_and_symmetric_oracle(views):
+def test_cmc_forward_shapes_loss_and_symmetric_oracle(views, out_bn):
     torch.manual_seed(0)
-    model = CMC(small, dim=16, K=32, m=0.9, T=0.2, views=views)
-    assert model.encoder_l.features[0][0].in_channels == 1
-    assert model.encoder_ab.features[0][0].in_channels == 2
+    model = CMC(small, dim=16, K=32, m=0.9, T=0.2, views=views, out_bn=out_bn)
+    conv_l, conv_ab = (model.encoder_l[0], model.encoder_ab[0]) if out_bn else (model.encoder_l, model.encoder_ab)
+    if out_bn:  # the output BatchNorm1d of each view's encoder, and of its key copy
+        for enc in (model.encoder_l, model.encoder_ab, model.encoder_l_k, model.encoder_ab_k):
+            assert isinstance(enc[1], torch.nn.BatchNorm1d) and enc[1].num_features == 16
+    assert conv_l.features[0][0].in_channels == 1
+    assert conv_ab.features[0][0].in_channels == 2
     im_q, im_k = (normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)) for _ in range(2))
     queue_l, queue_ab = model.queue_l.queue.clone(), model.queue_ab.queue.clone()
     # oracle: the two directions written out
@@ -101,7 +106,7 @@ def test_cmc_forward_shapes_loss_and_symmetric_oracle(views):
     loss.backward()
     assert all(p.grad is None for p in model.encoder_l_k.parameters())
     assert all(p.grad is None for p in model.encoder_ab_k.parameters())
-    assert model.encoder_l.fc.weight.grad is not None and model.encoder_ab.fc.weight.grad is not None
+    assert conv_l.fc.weight.grad is not None and conv_ab.fc.weight.grad is not None
 
 
 def test_cmc_momentum_update_of_both_key_encoders():
@@ -161,3 +166,14 @@ def test_cmc_two_crops_needs_im_k():
     model = CMC(small, dim=16, K=32)
     with pytest.raises(ValueError, match="im_k"):
         model(torch.randn(2, 3, 32, 32))
+
+
+def test_cmc_output_bn_centres_each_views_features_over_the_batch():
+    torch.manual_seed(0)
+    x = normalize(torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8))
+    l, ab = lab_views(x)
+    with_bn, without = CMC(small, dim=16, K=32, out_bn=True), CMC(small, dim=16, K=32, out_bn=False)
+    f = with_bn.encoder_l(l)  # train mode: batch statistics
+    torch.testing.assert_close(f.mean(0), torch.zeros(16), atol=1e-5, rtol=0)  # BN's bias starts at 0
+    raw = without.encoder_l(l)
+    assert raw.mean(0).abs().max() > 1e-3  # without it, the features share a common offset
