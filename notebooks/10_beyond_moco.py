@@ -263,10 +263,13 @@ print(compare("CMC", results["CMC"], cmc_moco_name, cmc_moco_knn_acc))
 print(f"Per step CMC ran {seconds['CMC'] / seconds[cmc_moco_name]:.2f}x MoCo's time.")
 
 # %% [markdown]
-# Read the gap first: if it stayed near zero, the two encoders did not come to agree on the images in this
-# budget, and a kNN accuracy near or below the random init follows. The paper trained for hundreds of
-# epochs; two networks that start unrelated have to find their common ground before the negatives can
-# spread it out, which takes longer than MoCo's start from two copies of one network (exercise 1).
+# Read the gap first: it says whether the two encoders came to agree on the images. MoCo's query and key
+# encoders start as copies of one network, so they agree from the first step; CMC's two encoders start
+# unrelated and must first find their common ground, which takes longer (the paper trained for hundreds of
+# epochs; exercise 1 trains longer). Each encoder here ends in a `BatchNorm1d` (`CMC(..., out_bn=True)`,
+# the default): a freshly initialised small ConvNet maps every image to nearly the same direction, and
+# without the BN the two encoders simply align on that direction, which makes the same-image and
+# different-image cosines equal and near 1 (exercise 2).
 
 # %% [markdown]
 # ## 2. Hard negatives: MoCHi
@@ -528,11 +531,13 @@ print(f"wrote {out / 'metrics.json'}; notebook ran in {total_seconds:.0f} s")
 # 1. Run CMC with `views="same_crop"` (the paper's Lab setting, no second crop), then with more `EPOCHS`.
 #    When does the L·ab gap open? Does the kNN accuracy of the concatenated features follow? Which of the
 #    two views carries more of the class (`L only` vs `ab only`)?
-# 2. MoCHi: set `MOCHI_S = 0` (only query mixes) and then `MOCHI_S_PRIME = 0`. Which kind of synthetic
+# 2. Build CMC with `out_bn=False` and compare the two printed L·ab cosines after training with those of
+#    the default. What does a gap of zero with both cosines near 1 mean?
+# 3. MoCHi: set `MOCHI_S = 0` (only query mixes) and then `MOCHI_S_PRIME = 0`. Which kind of synthetic
 #    negative is harder, according to the histogram?
-# 3. The debiased loss with the wrong prior: try `TAU_PLUS = 0.3` and `0.5` on 10 classes. What happens to
+# 4. The debiased loss with the wrong prior: try `TAU_PLUS = 0.3` and `0.5` on 10 classes. What happens to
 #    the loss curve and the kNN accuracy when τ⁺ over-estimates the share of false negatives?
-# 4. Clustering: set `SAME_CLUSTER_WEIGHT = 0.5` (down-weight instead of drop), and try `NUM_CLUSTERS = 50`.
+# 5. Clustering: set `SAME_CLUSTER_WEIGHT = 0.5` (down-weight instead of drop), and try `NUM_CLUSTERS = 50`.
 #    How do the two false-negative rates move? Train for more epochs: do the clusters come to follow the classes?
-# 5. Distillation: train a width-`STUDENT_WIDTH` encoder with plain MoCo for the same budget. Does either
+# 6. Distillation: train a width-`STUDENT_WIDTH` encoder with plain MoCo for the same budget. Does either
 #    distilled student beat learning from scratch?
