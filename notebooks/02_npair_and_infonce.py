@@ -23,8 +23,8 @@
 #
 # **Prerequisites.** Notebook 01 (pairs and the margin, InfoNCE with in-batch negatives).
 #
-# **Run time.** About 1 to 3 minutes at the default size on 2 CPU cores (no GPU, no download), depending on
-# what else the machine runs; several times longer on a heavily shared machine. The wall-clock and CPU time of your run are printed at
+# **Run time.** About a minute at the default size on a quiet 2-core CPU (55 s measured; no GPU, no
+# download); several times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
 # the end.
 
 # %% tags=["parameters"]

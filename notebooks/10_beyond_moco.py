@@ -35,7 +35,7 @@
 # kNN monitor of notebook 08.
 #
 # **Run time.** About 2 minutes at the default size on a quiet two-core CPU (eight training runs of
-# 138 steps each; 2 min 8 s measured); no download. CMC reads the CIFAR-10 subset from disk if it is there.
+# 138 steps each; 2 min 15 s measured); no download. CMC reads the CIFAR-10 subset from disk if it is there.
 
 # %% tags=["parameters"]
 SEED = 0                   # seeds the weights, the data order and the augmentations
