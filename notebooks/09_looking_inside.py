@@ -27,16 +27,15 @@
 #
 # **Prerequisites.** Notebooks 02 (InfoNCE), 05 (the momentum encoder) and 08 (evaluation).
 #
-# **Run time.** At the default size about 3 minutes of CPU time (measured: 192 s, including the
-# first UMAP fit, which compiles code), so roughly 2–3 minutes on an otherwise idle 2-core laptop
-# CPU; on a machine shared with other jobs the same run took 17 minutes. The last cell prints this
-# run's wall-clock and CPU time.
+# **Run time.** About 3 minutes at the default size on a quiet 2-core CPU (two trainings of 150
+# steps on 4,000 images, and the first UMAP fit, which compiles code); several times longer on a
+# machine shared with other jobs. The last cell prints this run's wall-clock and CPU time.
 
 # %% tags=["parameters"]
 SEED = 0                  # seeds the weights, the data order, the augmentations and the fixed views
 DEVICE = "auto"           # "auto" (CUDA > MPS > CPU), "cpu", "cuda", "mps"
 DATASET = "shapes"        # "shapes" (bundled), "cifar10-small", "cifar10", "stl10" or an ImageFolder path
-NUM_IMAGES = 2000         # training images
+NUM_IMAGES = 4000         # training images
 NUM_EVAL = 500            # fixed test images for the embedding, uniformity and the collapse indicator
 PROBE_BATCH = 256         # fixed training images whose two views give the positive/negative similarities
 WIDTH = 32                # ConvNet width w (channels w, 2w, 4w, 8w)
@@ -44,7 +43,7 @@ DIM = 128                 # feature dimension C of the embedding
 K = 1024                  # queue size (below NUM_IMAGES)
 MOMENTUM = 0.99           # m of the key encoder
 T = 0.1                   # InfoNCE temperature
-EPOCHS = 6                # training epochs of each of the two runs (MoCo, no negatives)
+EPOCHS = 10               # training epochs of each of the two runs (MoCo, no negatives)
 BATCH_SIZE = 256          # images per step
 LR = 0.06                 # SGD learning rate (cosine decay)
 EMBEDDING_METHOD = "umap"  # "umap" (compiles on first use, ~30 s) or "pca" (instant, linear)
