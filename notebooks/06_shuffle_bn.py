@@ -31,8 +31,8 @@
 # **Prerequisites.** 04 and 05 (MoCo with a queue and a momentum encoder);
 # BatchNorm.
 #
-# **Run time.** About 20 seconds on a quiet 2-core CPU at the default size
-# (two trainings of 124 steps; 17 s measured); several times longer on a busy machine. No download.
+# **Run time.** About 45 seconds on a quiet 2-core CPU at the default size
+# (two trainings of 372 steps); several times longer on a busy machine. No download.
 
 # %% tags=["parameters"]
 SEED = 0  # seeds the weights, the batch order and the augmentations
@@ -46,7 +46,7 @@ K = 512  # queue size
 T = 0.1  # softmax temperature
 M = 0.99  # momentum of the key encoder
 BN_SPLITS = 16  # S, BN groups per batch: each group of BATCH_SIZE / S images is normalised on its own
-EPOCHS = 4  # passes over the training images, for each of the two trainings
+EPOCHS = 12  # passes over the training images, for each of the two trainings
 BATCH_SIZE = 64  # N, images per step (must be divisible by BN_SPLITS)
 LR = 0.06  # SGD learning rate (cosine decay)
 OUTPUT_DIR = "runs/06_shuffle_bn"  # figures and metrics.json go here
