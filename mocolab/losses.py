@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["check_temperature", "margin_contrastive_loss", "npair_loss", "infonce_logits", "infonce_loss",
-           "nce_loss", "NCECriterion", "debiased_infonce_loss"]
+           "nce_loss", "NCECriterion", "debiased_infonce_loss", "debiased_negative_term"]
 
 
 def check_temperature(T: float, name: str = "T") -> float:
@@ -209,6 +209,28 @@ def debiased_infonce_loss(logits: torch.Tensor, tau_plus: float, T: float) -> to
     Raises:
         ValueError: τ⁺ outside [0, 1), T ≤ 0, or logits not (N, 1+K) with K ≥ 1.
     """
+    z, pos, ng, _ = debiased_negative_term(logits, tau_plus, T)
+    return (torch.log(pos + ng) - z[:, 0]).mean()
+
+
+def debiased_negative_term(logits: torch.Tensor, tau_plus: float, T: float):
+    """The corrected negative term ``Ng`` of :func:`debiased_infonce_loss`, and where the clamp set it.
+
+    When the positive is much more similar to the query than the negatives are (two views of one
+    image, a low T), ``τ⁺·K·pos`` can exceed ``Σ neg``: the correction then removes more than the
+    whole negative term, ``Ng`` sits at its floor ``K·e^{−1/T}``, and the negatives no longer push.
+    ``clamped`` shows for which queries that happened.
+
+    Args:
+        logits, tau_plus, T: as :func:`debiased_infonce_loss`.
+
+    Shape:
+        logits: (N, 1+K) -> ``(z, pos, ng, clamped)``: z (N, 1+K) the logits minus each row's
+        largest; pos (N,) ``exp(z[:, 0])`` and ng (N,) in that shifted space; clamped (N,) bool.
+
+    Raises:
+        ValueError: as :func:`debiased_infonce_loss`.
+    """
     T = check_temperature(T)
     try:
         tau_plus = float(tau_plus)
@@ -225,5 +247,5 @@ def debiased_infonce_loss(logits: torch.Tensor, tau_plus: float, T: float) -> to
     neg = z[:, 1:].exp()  # (N, K)
     ng = (-tau_plus * K * pos + neg.sum(dim=1)) / (1.0 - tau_plus)  # (N,)
     floor = K * torch.exp(-1.0 / T - shift[:, 0])  # (N,), K·e^{−1/T} in the shifted space
-    ng = torch.maximum(ng, floor)
-    return (torch.log(pos + ng) - z[:, 0]).mean()
+    clamped = ng.detach() <= floor
+    return z, pos, torch.maximum(ng, floor), clamped

@@ -95,7 +95,7 @@ from mocolab.distill import ContrastiveDistill
 from mocolab.encoders import ConvNet
 from mocolab.evaluate import accuracy_noise, compare_accuracies, evaluate_knn
 from mocolab.hard_negatives import ClusterMoCo, DebiasedMoCo, MoCHi, false_negative_rate, mix_hard_negatives
-from mocolab.losses import debiased_infonce_loss
+from mocolab.losses import debiased_infonce_loss, debiased_negative_term, infonce_logits
 from mocolab.moco import MoCo
 from mocolab.multiview import CMC, lab_views, rgb_to_lab
 from mocolab.plotting import plot_similarity_histograms
@@ -359,6 +359,41 @@ debiased_hist = train("debiased", debiased)
 print(compare("Debiased MoCo", results["debiased"], "MoCo", results["MoCo"]))
 
 # %% [markdown]
+# How strong is the correction? It assumes that the positive looks like a typical same-class negative,
+# but two views of one image are usually far more alike than two images of one class, and at a low T the
+# exponential enlarges that difference: `τ⁺·K·pos` removes a share of the sum over the negatives, which
+# weakens their push on the query; if it exceeded the whole sum, `Ng` would sit at its floor and the
+# negatives would stop pushing. The cell measures both on one batch of training images (two fresh views,
+# eval-mode BN, the model's own queue), for the trained MoCo and the trained debiased model: the share of
+# `Σ neg` that `Ng` keeps (median over the queries) and the share of queries at the floor. These numbers
+# describe the loss, they do not by themselves explain the kNN result above; exercise 4 varies τ⁺ and T.
+
+
+# %%
+@torch.no_grad()
+def debiased_correction(model, n=BATCH_SIZE):
+    """On one batch: median of Ng / Σ neg, and the share of queries with Ng at its floor K·e^(−1/T)."""
+    g = torch.Generator(device=device).manual_seed(SEED + 5)
+    x = x_train[:n].to(device)
+    was_training = model.training
+    model.eval()
+    q = F.normalize(model.encoder_q(augment(x, generator=g)), dim=1)  # (n, C)
+    k = F.normalize(model.encoder_k(augment(x, generator=g)), dim=1)  # (n, C)
+    model.train(was_training)
+    logits, _ = infonce_logits(q, k, model.queue.clone(), T)  # (n, 1+K), divided by T
+    z, _, ng, clamped = debiased_negative_term(logits, TAU_PLUS, T)  # shifted space
+    kept = ng / z[:, 1:].exp().sum(dim=1)  # (n,)
+    return float(kept.median()), float(clamped.float().mean())
+
+
+debiased_kept_moco, debiased_clamped_moco = debiased_correction(moco)
+debiased_kept, debiased_clamped = debiased_correction(debiased)
+for name, kept, clamped in (("trained MoCo", debiased_kept_moco, debiased_clamped_moco),
+                            ("trained debiased model", debiased_kept, debiased_clamped)):
+    print(f"τ⁺ = {TAU_PLUS}, T = {T}, {name}: Ng keeps {100 * kept:.0f} % of Σ neg (median); "
+          f"at its floor for {100 * clamped:.0f} % of the queries")
+
+# %% [markdown]
 # ## 4. Clustering-aware negatives
 #
 # **Where it comes from.** Local Aggregation (Zhuang, Zhai & Yamins 2019) pulls an image's embedding
@@ -491,6 +526,10 @@ metrics = {
     "mochi_queue_sim_mean": mochi_queue_sim_mean,
     "mochi_synthetic_sim_mean": mochi_synthetic_sim_mean,
     "debiased_knn_acc": results["debiased"],
+    "debiased_kept_moco": debiased_kept_moco,
+    "debiased_kept": debiased_kept,
+    "debiased_clamped_share_moco": debiased_clamped_moco,
+    "debiased_clamped_share": debiased_clamped,
     "cluster_knn_acc": results["clusters"],
     "false_negative_rate_before": false_negative_rate_before,
     "false_negative_rate_after": false_negative_rate_after,
@@ -535,8 +574,8 @@ print(f"wrote {out / 'metrics.json'}; notebook ran in {total_seconds:.0f} s")
 #    the default. What does a gap of zero with both cosines near 1 mean?
 # 3. MoCHi: set `MOCHI_S = 0` (only query mixes) and then `MOCHI_S_PRIME = 0`. Which kind of synthetic
 #    negative is harder, according to the histogram?
-# 4. The debiased loss with the wrong prior: try `TAU_PLUS = 0.3` and `0.5` on 10 classes. What happens to
-#    the loss curve and the kNN accuracy when τ⁺ over-estimates the share of false negatives?
+# 4. The debiased loss: try `TAU_PLUS = 0.02` and `0.3`, and `T = 0.5` (the temperature of the paper's
+#    CIFAR-10 runs). How do the printed share of queries with `Ng` at its floor and the kNN accuracy move?
 # 5. Clustering: set `SAME_CLUSTER_WEIGHT = 0.5` (down-weight instead of drop), and try `NUM_CLUSTERS = 50`.
 #    How do the two false-negative rates move? Train for more epochs: do the clusters come to follow the classes?
 # 6. Distillation: train a width-`STUDENT_WIDTH` encoder with plain MoCo for the same budget. Does either

@@ -81,3 +81,23 @@ def test_bad_arguments(tau_plus, T, match):
 def test_bad_logits_shape():
     with pytest.raises(ValueError, match="1\\+K"):
         debiased_infonce_loss(torch.zeros(2, 1), 0.1, 0.1)
+
+
+def test_debiased_negative_term_reports_where_the_clamp_sets_ng():
+    from mocolab.losses import debiased_negative_term
+
+    T, K = 0.1, 8
+    # row 0: the positive far above the negatives, so tau+ * K * pos > sum(neg) and Ng hits its floor;
+    # row 1: positive and negatives alike, so the correction removes only a share of the negatives
+    logits = torch.tensor([[0.9] + [0.1] * K, [0.2] + [0.2] * K], dtype=torch.float64) / T
+    z, pos, ng, clamped = debiased_negative_term(logits, 0.1, T)
+    assert clamped.tolist() == [True, False]
+    shift = logits.max(dim=1).values
+    floor = K * torch.exp(-1.0 / T - shift)
+    torch.testing.assert_close(ng[0], floor[0])
+    expected_1 = (-0.1 * K * z[1, 0].exp() + z[1, 1:].exp().sum()) / 0.9
+    torch.testing.assert_close(ng[1], expected_1)
+    # the loss is built on the same term
+    torch.testing.assert_close(debiased_infonce_loss(logits, 0.1, T),
+                               (torch.log(pos + ng) - z[:, 0]).mean())
+    torch.testing.assert_close(pos, z[:, 0].exp())

@@ -159,6 +159,8 @@ def check_10(metrics: dict, output_dir: Path) -> None:
     assert metrics["cmc_dataset"] == expected, metrics["cmc_dataset"]
     for key in ("cmc_moco_knn_acc", "cmc_random_init_knn_acc", "cmc_l_knn_acc", "cmc_ab_knn_acc"):
         assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
+    for key in ("debiased_clamped_share_moco", "debiased_clamped_share", "debiased_kept_moco", "debiased_kept"):
+        assert _finite_number(metrics[key]) and 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
     for key in ("same_before", "other_before", "same_after", "other_after"):
         v = metrics[f"cmc_agreement_{key}"]
         assert _finite_number(v) and -1.0 - 1e-5 <= v <= 1.0 + 1e-5, (key, v)
