@@ -32,9 +32,9 @@
 # **Prerequisites.** Notebooks 02 (InfoNCE), 05 (the momentum encoder) and 07 (MoCo at
 # full size). `mocolab.train.fit` trains the model; this notebook is about what comes after.
 #
-# **Run time.** About 3 minutes at the default size on a quiet 2-core CPU (150 pretraining steps
-# on 4,000 images, the same for the supervised baseline, then probes and three small supervised
-# trainings); several times longer on a machine shared with other jobs. The last cell prints this
+# **Run time.** About 2 minutes at the default size on a quiet 2-core CPU (1 min 59 s measured:
+# 150 pretraining steps on 4,000 images, the same for the supervised baseline, then probes and three
+# small supervised trainings); several times longer on a machine shared with other jobs. The last cell prints this
 # run's wall-clock and CPU time.
 
 # %% tags=["parameters"]

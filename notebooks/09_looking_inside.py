@@ -27,9 +27,9 @@
 #
 # **Prerequisites.** Notebooks 02 (InfoNCE), 05 (the momentum encoder) and 08 (evaluation).
 #
-# **Run time.** About 3 minutes at the default size on a quiet 2-core CPU (two trainings of 150
-# steps on 4,000 images, and the first UMAP fit, which compiles code); several times longer on a
-# machine shared with other jobs. The last cell prints this run's wall-clock and CPU time.
+# **Run time.** About 2 minutes at the default size on a quiet 2-core CPU (1 min 41 s measured: two
+# trainings of 150 steps on 4,000 images, and the first UMAP fit, which compiles code); several times
+# longer on a machine shared with other jobs. The last cell prints this run's wall-clock and CPU time.
 
 # %% tags=["parameters"]
 SEED = 0                  # seeds the weights, the data order, the augmentations and the fixed views
