@@ -39,7 +39,8 @@ NUM_TRAIN = 3000        # training images = M, the number of bank entries (also 
 NUM_TEST = 1000         # test images (the kNN queries)
 WIDTH = 32              # ConvNet width w (channels w, 2w, 4w, 8w)
 DIM = 128               # C, the feature dimension of a bank entry (Wu et al.: 128)
-K = 4096                # negatives drawn from the bank per query (Wu et al.: 4096), also the MoCo queue size compared
+K = 2048                # negatives per query from the bank, and the MoCo queue size (Wu et al.: 4096); below
+                        # NUM_TRAIN, so that MoCo's queue never holds a query's own key from the last epoch
 T = 0.07                # temperature (Wu et al.: 0.07)
 BANK_M = 0.5            # momentum of the bank update, new = m·old + (1 − m)·q (Wu et al.: 0.5)
 MOCO_M = 0.99           # momentum of MoCo's key encoder in the comparison run
@@ -163,8 +164,8 @@ fig.savefig(out / "memory.png", dpi=100, bbox_inches="tight")
 # %% [markdown]
 # Notice the scale: the bank grows linearly with the dataset (at C = 128 float32 numbers per entry, 656 MB
 # for ImageNet and 512 GB for a billion images, more than any accelerator holds), while the queue is fixed
-# by K. This is the first reason MoCo replaces the bank with a queue. (On our small dataset, with fewer
-# images than K, the bank can even be the smaller of the two: the extrapolation is the point.)
+# by K. This is the first reason MoCo replaces the bank with a queue. (On a dataset this small the two are
+# about the same size: the extrapolation is the point.)
 
 # %% [markdown]
 # ## Training with the bank, and measuring staleness
