@@ -27,8 +27,8 @@
 #
 # **Prerequisites.** Notebook 02 (InfoNCE logits with the positive at index 0, the temperature T).
 #
-# **Run time.** About 1.5 minutes at the default size on a quiet 2-core CPU (three trainings of 92 steps;
-# 80 s measured; no GPU, no download); several times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
+# **Run time.** About 1 minute at the default size on a quiet 2-core CPU (three trainings of 92 steps;
+# 71 s measured; no GPU, no download); several times longer on a machine shared with other jobs. The wall-clock and CPU time of your run are printed at
 # the end.
 
 # %% tags=["parameters"]
