@@ -446,6 +446,11 @@ def _missing(what: str, path: Path) -> FileNotFoundError:
     )
 
 
+def _shapes_style(name: str | os.PathLike) -> str:
+    """The :data:`SHAPES_STYLES` key of a "shapes" dataset name: "color" for "shapes-color", else "gray"."""
+    return "color" if os.fspath(name).lower() == "shapes-color" else "gray"
+
+
 def _resolve_name(name: str) -> tuple[str, Path | None]:
     """Map a dataset name to (kind, path) with kind in shapes/cifar10/stl10/imagefolder."""
     if not isinstance(name, (str, os.PathLike)):
@@ -628,8 +633,7 @@ def load_images(
         if split not in _SHAPES_SPLITS:
             raise ValueError(f"split for 'shapes' must be one of {tuple(_SHAPES_SPLITS)}, got {split!r}")
         n = _SHAPES_DEFAULT_SIZE[split] if limit is None else limit
-        style = "color" if os.fspath(name).lower() == "shapes-color" else "gray"
-        images, labels = make_shapes(n, image_size=image_size or 32, seed=seed, split=split, style=style)
+        images, labels = make_shapes(n, image_size=image_size or 32, seed=seed, split=split, style=_shapes_style(name))
         return images, labels, list(SHAPE_NAMES[:10])
     if kind == "imagefolder":
         images, labels, classes = _load_imagefolder(_imagefolder_dir(path, split), image_size)
@@ -664,8 +668,7 @@ def get_dataset(
     """
     kind, path = _resolve_name(name)
     if kind == "shapes":
-        style = "color" if os.fspath(name).lower() == "shapes-color" else "gray"
-        return ShapesDataset(split=split, transform=transform, style=style)
+        return ShapesDataset(split=split, transform=transform, style=_shapes_style(name))
     if kind == "imagefolder":
         from torchvision.datasets import ImageFolder
 

@@ -258,15 +258,27 @@ print(f"NCE: kNN by epoch (0 = before training) {nce_hist['knn_acc']} % (Z = {fl
 print(f"softmax {softmax_knn_acc:.1f} % vs NCE {nce_knn_acc:.1f} % after {EPOCHS} epochs "
       f"(difference {softmax_knn_acc - nce_knn_acc:+.1f} points, one seed); before training {random_init_knn_acc:.1f} %")
 
-fig, ax = plt.subplots(figsize=(5.5, 3.4))
-ax.plot(softmax_hist["knn_epoch"], softmax_hist["knn_acc"], marker="o", label="softmax (cross-entropy)")
-ax.plot(nce_hist["knn_epoch"], nce_hist["knn_acc"], marker="o", label="NCE")
-ax.axhline(100 / len(classes), color="grey", linestyle=":", label="chance")
-ax.set_xlabel("epoch (0: before training)"), ax.set_ylabel("kNN accuracy (%)"), ax.legend(fontsize="small")
-ax.grid(alpha=0.3), ax.xaxis.get_major_locator().set_params(integer=True)
-ax.set_title(f"memory bank, K = {K} negatives per query")
-fig.tight_layout()
-fig.savefig(out / "nce_vs_softmax.png", dpi=100, bbox_inches="tight")
+
+def plot_knn_curves(curves, title, filename, lines=()):
+    """kNN accuracy by epoch (0: before training) of several runs, {label: (epochs, accs)}, with chance
+    and any extra horizontal ``lines`` given as (label, value); saved to OUTPUT_DIR/filename."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for label, (epochs, accs) in curves.items():
+        ax.plot(epochs, accs, marker="o", label=label)
+    for label, value in lines:
+        ax.axhline(value, color="grey", linestyle="--", label=label)
+    ax.axhline(100 / len(classes), color="grey", linestyle=":", label="chance")
+    ax.set_xlabel("epoch (0: before training)"), ax.set_ylabel("kNN accuracy (%)"), ax.legend(fontsize="small")
+    ax.grid(alpha=0.3), ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out / filename, dpi=100, bbox_inches="tight")
+    return fig
+
+
+bank_curves = {"softmax (cross-entropy)": (softmax_hist["knn_epoch"], softmax_hist["knn_acc"]),
+               "NCE": (nce_hist["knn_epoch"], nce_hist["knn_acc"])}
+plot_knn_curves(bank_curves, f"memory bank, K = {K} negatives per query", "nce_vs_softmax.png");
 
 # %% [markdown]
 # **Published, for comparison (not measured here).** Reproductions of instance discrimination on ImageNet with a
@@ -306,17 +318,10 @@ for name, acc, init in (("bank + softmax", softmax_knn_acc, random_init_knn_acc)
     print(mocolab.compare_accuracies(name, acc, "its random init", init, len(x_test)))
 print(mocolab.compare_accuracies("MoCo", moco_knn_acc, "bank + softmax", softmax_knn_acc, len(x_test)))
 
-fig, ax = plt.subplots(figsize=(5.5, 3.4))
-ax.plot(softmax_hist["knn_epoch"], softmax_hist["knn_acc"], marker="o", label="memory bank, softmax")
-ax.plot(nce_hist["knn_epoch"], nce_hist["knn_acc"], marker="o", label="memory bank, NCE")
-ax.plot(range(len(moco_knn_curve)), moco_knn_curve, marker="o", label=f"MoCo (queue, m = {MOCO_M})")
-ax.axhline(random_init_knn_acc, color="grey", linestyle="--", label="random init (bank runs)")
-ax.axhline(100 / len(classes), color="grey", linestyle=":", label="chance")
-ax.set_xlabel("epoch (0: before training)"), ax.set_ylabel("kNN accuracy (%)"), ax.legend(fontsize="small")
-ax.grid(alpha=0.3), ax.xaxis.get_major_locator().set_params(integer=True)
-ax.set_title(f"same encoder, K = {K}, T = {T}, {EPOCHS} epochs")
-fig.tight_layout()
-fig.savefig(out / "bank_vs_moco.png", dpi=100, bbox_inches="tight")
+plot_knn_curves({"memory bank, softmax": bank_curves["softmax (cross-entropy)"], "memory bank, NCE": bank_curves["NCE"],
+                 f"MoCo (queue, m = {MOCO_M})": (range(len(moco_knn_curve)), moco_knn_curve)},
+                f"same encoder, K = {K}, T = {T}, {EPOCHS} epochs", "bank_vs_moco.png",
+                lines=[("random init (bank runs)", random_init_knn_acc)]);
 
 # %% [markdown]
 # Read the printed lines: for this run they say whether each method moved beyond the random encoder by
