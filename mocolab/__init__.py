@@ -27,6 +27,7 @@ from .multiview import CMC, lab_views, rgb_to_lab
 from .hard_negatives import (ClusterMoCo, DebiasedMoCo, MoCHi, false_negative_rate, kmeans,
                              mix_hard_negatives)
 from .distill import ContrastiveDistill
+from .lesson import EFFECTS, Lesson, judge_effects
 
 __version__ = "0.1.0"
 

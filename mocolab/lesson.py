@@ -1,0 +1,266 @@
+"""What every notebook does around its lesson: setup, its headline effects, and its metrics file.
+
+A notebook starts with ``lesson = Lesson("05_momentum_encoder", OUTPUT_DIR, seed=SEED, device=DEVICE)``
+(clock, output folder, device, seed), loads its data with :meth:`Lesson.load`, and ends with
+``lesson.finish(metrics)``, which adds the sizes and run time, judges the notebook's headline effects
+(:data:`EFFECTS`) against the test-set noise band, prints one line per effect and writes
+``OUTPUT_DIR/metrics.json``. The tour page and the lesson-effect tests read the same verdicts.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .device import get_device, seed_everything
+from .evaluate import accuracy_noise
+
+__all__ = ["Lesson", "Effect", "EFFECTS", "judge_effects"]
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One headline claim of a notebook, checked on its metrics.
+
+    ``check(metrics)`` returns ``(holds, detail)``; ``detail`` reads like
+    ``"57.1 % vs 21.7 % (+35.4, band ±3.7)"``.
+    """
+
+    claim: str
+    check: Callable[[dict], tuple[bool, str]]
+
+
+def _get(metrics: dict, key):
+    """``metrics[key]``, or ``metrics[k0][k1]`` for a tuple key (sweeps are stored as dicts)."""
+    if isinstance(key, tuple):
+        value = metrics
+        for k in key:
+            value = value[k]
+        return value
+    return metrics[key]
+
+
+def beats(a, b, claim: str) -> Effect:
+    """Accuracy ``a`` is above accuracy ``b`` by more than two standard errors of their difference."""
+
+    def check(m):
+        va, vb = float(_get(m, a)), float(_get(m, b))
+        band = accuracy_noise(vb, int(m["num_test"]))
+        return va - vb > band, f"{va:.1f} % vs {vb:.1f} % ({va - vb:+.1f} points, band ±{band:.1f})"
+
+    return Effect(claim, check)
+
+
+def at_least(a, b=None, *, scale: float = 1.0, offset: float = 0.0, claim: str, strict: bool = False) -> Effect:
+    """``a >= scale * b + offset`` (``b`` a key, or None for the constant ``offset``); ``>`` if strict."""
+
+    def check(m):
+        va = float(_get(m, a))
+        target = (scale * float(_get(m, b)) if b is not None else 0.0) + offset
+        holds = va > target if strict else va >= target
+        ref = f" (b = {float(_get(m, b)):.4g})" if b is not None else ""
+        return holds, f"{va:.4g} {'>' if strict else '≥'} {target:.4g}{ref}"
+
+    return Effect(claim, check)
+
+
+def at_most(a, b, *, scale: float = 1.0, claim: str) -> Effect:
+    """``a <= scale * b``."""
+
+    def check(m):
+        va, vb = float(_get(m, a)), float(_get(m, b))
+        return va <= scale * vb, f"{va:.4g} ≤ {scale:g} × {vb:.4g} = {scale * vb:.4g}"
+
+    return Effect(claim, check)
+
+
+def within(a, b, *, rel: float, claim: str) -> Effect:
+    """``|a − b| <= rel·|b|``."""
+
+    def check(m):
+        va, vb = float(_get(m, a)), float(_get(m, b))
+        return abs(va - vb) <= rel * abs(vb), f"{va:.4g} vs {vb:.4g} ({100 * (va - vb) / vb:+.1f} %, allowed ±{100 * rel:g} %)"
+
+    return Effect(claim, check)
+
+
+def _sorted_sweep(sweep: dict) -> list[tuple[float, float]]:
+    return sorted((float(k), float(v)) for k, v in sweep.items())
+
+
+def best_inside(key: str, claim: str) -> Effect:
+    """The best value of a sweep ``{x: accuracy}`` lies strictly inside the swept range."""
+
+    def check(m):
+        pts = _sorted_sweep(m[key])
+        best = max(range(len(pts)), key=lambda i: pts[i][1])
+        return 0 < best < len(pts) - 1, f"best at {pts[best][0]:g} ({pts[best][1]:.1f} %) of {[p[0] for p in pts]}"
+
+    return Effect(claim, check)
+
+
+def largest_beats_smallest(key: str, claim: str) -> Effect:
+    """In a sweep ``{x: accuracy}``, the largest x beats the smallest beyond the band."""
+
+    def check(m):
+        pts = _sorted_sweep(m[key])
+        (x0, v0), (x1, v1) = pts[0], pts[-1]
+        band = accuracy_noise(v0, int(m["num_test"]))
+        return v1 - v0 > band, f"{x1:g}: {v1:.1f} % vs {x0:g}: {v0:.1f} % ({v1 - v0:+.1f} points, band ±{band:.1f})"
+
+    return Effect(claim, check)
+
+
+def keys_below(key: str, limit: str, claim: str) -> Effect:
+    """Every swept value of ``metrics[key]`` is below ``metrics[limit]``."""
+
+    def check(m):
+        top = max(float(k) for k in m[key])
+        return top < float(m[limit]), f"largest {top:g} < {limit} {m[limit]}"
+
+    return Effect(claim, check)
+
+
+#: The headline effects of each notebook, keyed by its two-digit number.
+EFFECTS: dict[str, tuple[Effect, ...]] = {
+    "01": (beats("infonce_knn_acc", "margin_knn_acc", "InfoNCE beats the margin loss (kNN)"),),
+    "02": (
+        within("init_loss", "ln_k_plus_1", rel=0.05, claim="the loss starts at ln(K+1)"),
+        best_inside("temperature_sweep", "the best temperature lies inside the swept range"),
+        largest_beats_smallest("negatives_sweep", "the largest K beats the smallest (kNN)"),
+        keys_below("negatives_sweep", "num_train", "every K is below the number of training images"),
+    ),
+    "03": (
+        beats("softmax_knn_acc", "random_init_knn_acc", "the memory bank learns (softmax vs random init)"),
+        at_least("moco_knn_acc", "softmax_knn_acc", strict=True, claim="MoCo beats the bank at the same budget"),
+        at_least("bank_bytes", "queue_bytes", strict=True, claim="the bank takes more memory than the queue"),
+    ),
+    "04": (
+        beats("knn_acc_m099", "knn_acc_m0", "m = 0.99 beats m = 0 (kNN)"),
+        at_least("key_identification_m099", "key_identification_m0", strict=True,
+                 claim="m = 0.99 identifies its keys better than m = 0"),
+    ),
+    "05": (
+        at_least("total_steps", offset=300, claim="at least three time constants of m = 0.99 (300 steps)"),
+        beats(("momentum_sweep", "0.99"), ("momentum_sweep", "0.0"), "m = 0.99 beats m = 0 (kNN)"),
+    ),
+    "06": (
+        at_least("pretext_acc_no_shuffle", "pretext_acc_shuffle", offset=5.0,
+                 claim="without the shuffle the pretext task is cheated (≥ 5 points)"),
+    ),
+    "07": (beats("knn_acc", "random_init_knn_acc", "MoCo beats its random init (kNN)"),),
+    "08": (
+        beats("knn_acc", "random_init_knn_acc", "MoCo beats random init (kNN)"),
+        beats("linear_acc", "random_init_linear_acc", "MoCo beats random init (linear probe)"),
+    ),
+    "09": (
+        at_least("pos_sim_mean", "neg_sim_mean", offset=0.2, claim="positives are ≥ 0.2 more similar than negatives"),
+        at_most("collapse_std_no_negatives", "collapse_std", scale=0.5,
+                claim="without negatives the embedding collapses (std below half)"),
+        beats("knn_acc", "knn_acc_no_negatives", "negatives matter (kNN)"),
+    ),
+    "10": (
+        beats("cmc_knn_acc", "cmc_random_init_knn_acc", "CMC beats its random init (kNN)"),
+        at_most("false_negative_rate_after", "false_negative_rate_before", scale=0.75,
+                claim="clustering removes a quarter of the false negatives"),
+        beats("crd_student_knn_acc", "student_random_init_knn_acc", "the CRD student beats its random init (kNN)"),
+    ),
+}
+
+
+def judge_effects(name: str, metrics: dict) -> list[dict]:
+    """The verdicts on notebook ``name``'s headline effects: a list of ``{claim, holds, detail}``.
+
+    ``name`` is the notebook's name or number ("05_momentum_encoder" or "05"). A key missing from
+    ``metrics`` gives ``holds = False`` with the missing key as detail.
+    """
+    out = []
+    for effect in EFFECTS.get(str(name)[:2], ()):
+        try:
+            holds, detail = effect.check(metrics)
+        except (KeyError, TypeError, ValueError) as err:
+            holds, detail = False, f"not measured ({err!r})"
+        out.append({"claim": effect.claim, "holds": bool(holds), "detail": detail})
+    return out
+
+
+class Lesson:
+    """Setup and bookkeeping of one notebook run.
+
+    Args:
+        name: the notebook's name, e.g. ``"05_momentum_encoder"`` (its first two characters pick
+            its :data:`EFFECTS`).
+        output_dir: where figures and ``metrics.json`` go (created).
+        seed: seeds Python, NumPy and PyTorch.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ... (see :func:`~mocolab.device.get_device`).
+
+    Attributes:
+        out (Path), device (torch.device), seed (int), num_train / num_test (set by :meth:`load`).
+    """
+
+    def __init__(self, name: str, output_dir: str | Path, *, seed: int = 0, device: str = "auto"):
+        self.name, self.seed = name, int(seed)
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
+        self.out = Path(output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = get_device(device)
+        seed_everything(self.seed)
+        self.num_train: int | None = None
+        self.num_test: int | None = None
+
+    @property
+    def seconds(self) -> float:
+        """Wall-clock seconds since the lesson started."""
+        return time.perf_counter() - self._t0
+
+    def load(self, dataset: str, num_train: int, num_test: int, image_size: int | None = None):
+        """``x_train, y_train, x_test, y_test, classes`` (uint8 images) of ``dataset``; records the sizes."""
+        from .data import load_images
+
+        x_train, y_train, classes = load_images(dataset, "train", limit=num_train, seed=self.seed, image_size=image_size)
+        x_test, y_test, _ = load_images(dataset, "test", limit=num_test, seed=self.seed, image_size=image_size)
+        self.num_train, self.num_test = len(x_train), len(x_test)
+        print(f"{dataset}: {self.num_train} train / {self.num_test} test images of {tuple(x_train.shape[1:])}")
+        return x_train, y_train, x_test, y_test, classes
+
+    def finish(self, metrics: dict, verbose: bool = True) -> dict:
+        """Add sizes, seed, device and run time to ``metrics``, judge the effects, write ``metrics.json``.
+
+        Returns the completed metrics (``headline_effects`` holds the verdicts).
+
+        Raises:
+            ValueError: ``num_train`` / ``num_test`` neither in ``metrics`` nor set by :meth:`load`.
+        """
+        metrics = dict(metrics)
+        for key in ("num_train", "num_test"):
+            if key not in metrics:
+                if getattr(self, key) is None:
+                    raise ValueError(f"metrics need {key!r} (the sizes behind the accuracies); pass it or call load()")
+                metrics[key] = getattr(self, key)
+        metrics.setdefault("seed", self.seed)
+        metrics.setdefault("device", str(self.device))
+        metrics["seconds"] = round(self.seconds, 1)
+        metrics["cpu_seconds"] = round(time.process_time() - self._cpu0, 1)
+        metrics["headline_effects"] = judge_effects(self.name, metrics)
+        text = json.dumps(metrics, indent=2, default=_plain)
+        (self.out / "metrics.json").write_text(text)
+        if verbose:
+            for e in metrics["headline_effects"]:
+                print(f"[{'holds' if e['holds'] else 'does not hold'}] {e['claim']}: {e['detail']}")
+            print(f"wrote {self.out / 'metrics.json'}; notebook ran in {metrics['seconds']:.0f} s")
+        return metrics
+
+
+def _plain(x):
+    """JSON for tensors and NumPy scalars."""
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
