@@ -146,7 +146,7 @@ EFFECTS: dict[str, tuple[Effect, ...]] = {
     ),
     "05": (
         at_least("total_steps", offset=300, claim="at least three time constants of m = 0.99 (300 steps)"),
-        beats(("momentum_sweep", "0.99"), ("momentum_sweep", "0.0"), "m = 0.99 beats m = 0 (kNN)"),
+        beats(("momentum_sweep", "0.99", "knn_acc"), ("momentum_sweep", "0", "knn_acc"), "m = 0.99 beats m = 0 (kNN)"),
     ),
     "06": (
         at_least("pretext_acc_no_shuffle", "pretext_acc_shuffle", offset=5.0,
