@@ -36,12 +36,18 @@ def fake_tour(tmp_path):
     (tmp_path / "01_ok").mkdir()
     (tmp_path / "01_ok" / "loss.png").write_bytes(PNG)
     (tmp_path / "01_ok" / "01_ok.html").write_text("<html>executed</html>")
+    effects = [
+        {"claim": "InfoNCE beats the margin loss (kNN)", "holds": True,
+         "detail": "57.1 % vs 21.7 % (+35.4 points, band ±3.7)"},
+        {"claim": "m = 0.99 beats m = 0 <kNN>", "holds": False, "detail": "22.0 % vs 21.0 % (+1.0 points, band ±3.6)"},
+    ]
     results = [
         tour.NotebookResult(
             name="01_ok", title="Margin <contrastive> loss", ok=True, seconds=75.25,
             metrics={"final_loss": 0.123456, "steps": 10, "knn": {"top1": 0.5, "top5": 0.9},
-                     "history": list(range(100)), "big": {str(i): i for i in range(50)}},
-            figures=["01_ok/loss.png"], html="01_ok/01_ok.html",
+                     "history": list(range(100)), "big": {str(i): i for i in range(50)},
+                     "headline_effects": effects},
+            figures=["01_ok/loss.png"], html="01_ok/01_ok.html", effects=effects,
         ),
         tour.NotebookResult(
             name="02_bad", title="InfoNCE", ok=False, seconds=3.0,
@@ -62,6 +68,105 @@ def test_index_shows_each_notebook(fake_tour):
     assert 'href="01_ok/01_ok.html"' in page and 'src="01_ok/loss.png"' in page
     assert "T must be &gt; 0, got -1" in page
     assert '<a href="#nb-02_bad">InfoNCE</a> — failed' in page  # contents list
+
+
+def test_card_opens_with_headline_effects(fake_tour):
+    _, index, _ = fake_tour
+    page = index.read_text()
+    card = page[page.index('<section class="card'):page.index('id="nb-02_bad"')]
+    # The effects come before the raw metrics, each with its verdict, claim and detail (A vs B, band).
+    assert card.index('<ul class="effects">') < card.index('<dl class="metrics">')
+    assert ('<li class="holds"><span class="verdict">holds</span> InfoNCE beats the margin loss (kNN): '
+            '<span class="detail">57.1 % vs 21.7 % (+35.4 points, band ±3.7)</span></li>') in card
+    assert '<li class="fails"><span class="verdict">does not hold</span> m = 0.99 beats m = 0 &lt;kNN&gt;' in card
+    assert 'class="card short"' in card and 'data-effects="1/2"' in card  # ran, but not every effect holds
+    assert "1/2 effects hold" in card
+    assert "1 of 2 headline effects hold" in page
+    assert "No headline effects to judge" in page[page.index('id="nb-02_bad"'):]
+    assert '"headline_effects"' not in page and "headline_effects" not in card.split("metrics.json")[-1]
+
+
+def test_effect_not_measured():
+    text = tour.render_effects([{"claim": "c", "holds": False, "detail": "not measured (KeyError('knn_acc'))"}])
+    assert '<li class="fails"><span class="verdict">not measured</span> c:' in text
+
+
+def test_headline_effects_stored_or_judged():
+    stored = [{"claim": "c", "holds": True, "detail": "d"}]
+    assert tour.headline_effects("04_queue_without_momentum", {"headline_effects": stored}) == stored
+    # No stored verdicts: mocolab.lesson.judge_effects judges the metrics.
+    metrics = {"num_test": 1000, "knn_acc_m099": 55.0, "knn_acc_m0": 20.0,
+               "key_identification_m099": 0.2, "key_identification_m0": 0.5}
+    judged = tour.headline_effects("04_queue_without_momentum", metrics)
+    assert [e["holds"] for e in judged] == [True, False] and "band ±" in judged[0]["detail"]
+    assert tour.headline_effects("04_queue_without_momentum", {}) == []  # the notebook wrote nothing
+
+
+def test_log_line():
+    ok = tour.NotebookResult(name="05", title="", ok=True, seconds=62.0,
+                             effects=[{"claim": "a", "holds": True}, {"claim": "b", "holds": True}])
+    assert tour.log_line(ok) == "ok     1 min 02 s  2/2 effects hold"
+    bad = tour.NotebookResult(name="06", title="", ok=False, seconds=3.0, notes=["no parameter EPOCHS (set anyway)"],
+                              error="cell 4 ('x = f()'): ValueError: T must be > 0\n\nTraceback ...")
+    assert tour.log_line(bad) == ("FAILED      3.0 s  no headline effects  cell 4 ('x = f()'): ValueError: T must be > 0"
+                                  "  (no parameter EPOCHS (set anyway))")
+
+
+def _tiny_notebook(source_after: str):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# 99 · Tiny"),
+        nbformat.v4.new_code_cell('BANK_M = 0.5  # new = m·old + (1 − m)·q\nOUTPUT_DIR = "out"  # where = here',
+                                  metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(source_after),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    return nb
+
+
+def test_parameters_with_equals_in_comments_are_injected_without_warnings(tmp_path, caplog):
+    import nbformat
+
+    path = tmp_path / "99_tiny.ipynb"
+    nbformat.write(_tiny_notebook("print(BANK_M)"), path)
+    assert tour.notebook_parameters(nbformat.read(path, as_version=4)) == {"BANK_M", "OUTPUT_DIR"}
+    with caplog.at_level("WARNING"):
+        nb, unknown = tour.prepare_notebook(path, {"BANK_M": 0.9, "EPOCHS": 2}, "python3")
+    assert not caplog.records  # papermill's inspection warns "Unable to parse line" on these lines
+    assert unknown == ["EPOCHS"]
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "BANK_M = 0.9" in injected[0].source
+    assert nb.cells.index(injected[0]) == 2  # right after the parameters cell
+
+
+def test_kernel_transport(monkeypatch, tmp_path):
+    import os
+
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "rt"))
+    short = tour.kernel_config().KernelManager
+    if os.name == "posix" and len(str(tmp_path)) < 40:
+        assert short.transport == "ipc"  # local sockets: nothing on the network, no warning
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / ("x" * 100)))
+    assert "transport" not in tour.kernel_config().KernelManager  # too long for a Unix socket address
+
+
+@pytest.mark.slow
+def test_tour_log_is_one_clean_line_per_notebook(tmp_path, capfd):
+    """A real run on a tiny notebook: one line for it, no papermill or kernel warnings."""
+    import nbformat
+
+    nb_dir = tmp_path / "nb"
+    nb_dir.mkdir()
+    nbformat.write(_tiny_notebook(
+        "import json, pathlib\npathlib.Path(OUTPUT_DIR).mkdir(exist_ok=True)\n"
+        "json.dump({'bank_m': BANK_M}, open(pathlib.Path(OUTPUT_DIR) / 'metrics.json', 'w'))"), nb_dir / "99_tiny.ipynb")
+    assert tour.main(["--notebook-dir", str(nb_dir), "--out", str(tmp_path / "out"), "-p", "BANK_M", "0.9"]) == 0
+    out, err = capfd.readouterr()
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and lines[1].startswith("[tour] 99_tiny  ok ") and "no headline effects" in lines[1]
+    assert err == ""  # no "Unable to parse line", no "Kernel is running over TCP without encryption"
+    assert json.loads((tmp_path / "out" / "99_tiny" / "metrics.json").read_text()) == {"bank_m": 0.9}
 
 
 def test_index_metrics_are_small_and_flat(fake_tour):
