@@ -85,8 +85,12 @@ print(f"{'cpu threads':12s} {torch.get_num_threads()}")
 
 # %% [markdown]
 # `get_device` picks the fastest device available (an NVIDIA GPU, then Apple's
-# MPS, then the CPU) and says why. Every later notebook starts with the same line,
-# so `DEVICE = "cpu"` in the parameters cell is enough to force the CPU.
+# MPS, then the CPU) and says why. Every later notebook starts with
+# `lesson = Lesson(name, OUTPUT_DIR, seed=SEED, device=DEVICE)` (`mocolab.Lesson`),
+# which calls it, seeds everything and makes the output folder; at its end
+# `lesson.finish(metrics)` judges the notebook's headline effects against the
+# test-set noise and writes `metrics.json`. `DEVICE = "cpu"` in the parameters
+# cell is enough to force the CPU.
 
 # %%
 device = mocolab.get_device(DEVICE, verbose=True)
