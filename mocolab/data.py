@@ -14,7 +14,9 @@ Three ways to get images:
   texture, position, size, rotation, clutter) is a nuisance that raw pixels
   cannot see past, but that the MoCo augmentations teach an encoder to ignore.
   Its variant "shapes-color" adds random hues, which the MoCo v2 augmentation
-  does not remove well enough for a short run.
+  does not remove well enough for a short run; "shapes-outline" draws the same
+  classes as outlines, a second domain for transfer; "shapes-lab" gives the
+  object a hue of its own, so that the L and ab channels of Lab both show it (CMC).
 
 Letter legend: N images in a batch, H x W input size, S output size.
 """
@@ -60,8 +62,8 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)  # the values of the official MoCo CIFAR-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DATASET_NAMES = ("shapes", "shapes-color", "cifar10", "stl10", "cifar10-small")
-_CHOICES = "'shapes', 'shapes-color', 'cifar10', 'stl10', 'cifar10-small', 'imagefolder:PATH' or an existing directory"
+DATASET_NAMES = ("shapes", "shapes-color", "shapes-outline", "shapes-lab", "cifar10", "stl10", "cifar10-small")
+_CHOICES = "'shapes', 'shapes-color', 'shapes-outline', 'shapes-lab', 'cifar10', 'stl10', 'cifar10-small', 'imagefolder:PATH' or an existing directory"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -184,6 +186,19 @@ SHAPES_STYLES = {
         position=0.42, scale=(0.34, 0.6), contrast=(0.22, 0.52), chroma=0.4, texture=(0.06, 0.28),
         noise=0.03, p_clutter=0.5,
     ),  # fmt: skip
+    # a second domain with the same classes: each shape drawn as its outline (a stroke of half-width
+    # `outline` shape radii) over stronger background textures
+    "outline": dict(
+        position=0.25, scale=(0.5, 0.75), contrast=(0.45, 0.65), chroma=0.0, texture=(0.05, 0.15), noise=0.01,
+        p_clutter=0.1, outline=0.12,
+    ),  # fmt: skip
+    # colour for CMC: the object differs from the background in grey level *and* in hue (at least
+    # `hue_gap` of a turn apart, chroma at least `chroma_min`), drawn independently, so the L and the ab
+    # channels of Lab both show the silhouette, each with its own nuisance
+    "lab": dict(
+        position=0.15, scale=(0.5, 0.7), contrast=(0.4, 0.6), chroma=0.35, chroma_min=0.25, hue_gap=0.3,
+        texture=(0.0, 0.03), noise=0.01, p_clutter=0.0,
+    ),  # fmt: skip
 }
 _N_SEG = 3  # clutter lines per image
 _NOISE_GRID = 4  # smooth background noise: a 4x4 grid, upsampled
@@ -205,8 +220,13 @@ def _sample_scene_params(n_draw: int, n: int, g: torch.Generator, st: dict) -> d
     sign = torch.where(rand() < 0.5, -1.0, 1.0)
     sign = torch.where((bg_lum + sign * delta > 0.97) | (bg_lum + sign * delta < 0.03), -sign, sign)
     fg_lum = (bg_lum + sign * delta).clamp(0.03, 0.97)
-    p["bg_rgb"] = _random_colors(bg_lum, rand(), rand(), st["chroma"])  # (N, 3)
-    p["fg_rgb"] = _random_colors(fg_lum, rand(), rand(), st["chroma"])
+    hue_bg, chroma_bg = rand(), rand()
+    hue_fg, chroma_fg = rand(), rand()
+    if st.get("hue_gap", 0.0) > 0:  # the object's hue differs from the background's by at least hue_gap turns
+        hue_fg = (hue_bg + st["hue_gap"] + hue_fg * (1 - 2 * st["hue_gap"])) % 1.0
+    low = st.get("chroma_min", 0.0) / st["chroma"] if st["chroma"] > 0 else 0.0  # chroma in [chroma_min, chroma]
+    p["bg_rgb"] = _random_colors(bg_lum, hue_bg, low + chroma_bg * (1 - low), st["chroma"])  # (N, 3)
+    p["fg_rgb"] = _random_colors(fg_lum, hue_fg, low + chroma_fg * (1 - low), st["chroma"])
     p["shade"] = (rand(2) * 2 - 1) * 0.12  # a linear shading gradient on the shape
     # background texture: kind 0 stripes, 1 checks, 2 ramp, 3 smooth noise
     p["tex_kind"] = (rand() * 4).long().clamp(max=3)
@@ -263,6 +283,8 @@ def _render_shapes_chunk(
         idx = (labels == c).nonzero(as_tuple=True)[0]
         if idx.numel():
             sdf[idx] = _shape_sdf(name, u[idx], v[idx])
+    if style.get("outline", 0) > 0:
+        sdf = sdf.abs() - style["outline"]  # inside a stroke along the shape's boundary
     alpha = (0.5 - sdf * scale / pixel).clamp(0, 1)[:, None]  # (N, 1, S, S), anti-aliased edge
 
     # -- background: colour, texture, clutter lines
@@ -320,6 +342,11 @@ def make_shapes(
     contrastive run learns colour rather than shape on it: a demonstration of
     why colour distortion matters (Chen et al., SimCLR, 2020).
 
+    ``style="outline"`` draws each shape as its outline (a stroke along the
+    boundary) over stronger background textures: the same classes in another
+    domain, for transfer. Its scenes (classes, positions, rotations) are
+    those of the same seed and split in the other styles.
+
     Generation is deterministic given (seed, split, style), and prefix-stable:
     ``make_shapes(100)`` equals the first 100 images of ``make_shapes(1000)``.
     Every prefix is class balanced to within one image per class. The
@@ -333,7 +360,7 @@ def make_shapes(
         image_size: side length S in pixels (>= 8).
         seed: random seed.
         split: "train" or "test".
-        style: "gray" (default) or "color".
+        style: "gray" (default), "color", "outline" or "lab" (a key of :data:`SHAPES_STYLES`).
 
     Returns:
         images uint8 (N, 3, S, S) and labels long (N,).
@@ -447,8 +474,9 @@ def _missing(what: str, path: Path) -> FileNotFoundError:
 
 
 def _shapes_style(name: str | os.PathLike) -> str:
-    """The :data:`SHAPES_STYLES` key of a "shapes" dataset name: "color" for "shapes-color", else "gray"."""
-    return "color" if os.fspath(name).lower() == "shapes-color" else "gray"
+    """The :data:`SHAPES_STYLES` key of a "shapes" dataset name: "shapes-STYLE" -> STYLE, else "gray"."""
+    style = os.fspath(name).lower().removeprefix("shapes-")
+    return style if style in SHAPES_STYLES else "gray"
 
 
 def _resolve_name(name: str) -> tuple[str, Path | None]:
@@ -459,7 +487,7 @@ def _resolve_name(name: str) -> tuple[str, Path | None]:
     key = name.lower()
     if key in ("shapes", "cifar10", "stl10"):
         return key, None
-    if key == "shapes-color":
+    if key in ("shapes-color", "shapes-outline", "shapes-lab"):
         return "shapes", None
     if key == "cifar10-small":
         path = shared_cifar10_small()
@@ -605,7 +633,8 @@ def load_images(
     """Load a whole dataset split as one uint8 tensor (the fast path for small datasets).
 
     Args:
-        name: "shapes" (generated, no download; "shapes-color" for its colour variant), "cifar10", "stl10",
+        name: "shapes" (generated, no download; "shapes-color", "shapes-outline" and "shapes-lab" for its
+            colour, outline and Lab-colour variants), "cifar10", "stl10",
             "cifar10-small" (the offline ImageFolder subset of CIFAR-10),
             "imagefolder:PATH" or the path of an existing ImageFolder directory.
         split: "train" or "test"; for stl10 also "unlabeled" and "train+unlabeled";

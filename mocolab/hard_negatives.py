@@ -12,10 +12,12 @@ the negative term (all with the same training interface as :class:`~mocolab.moco
 - :class:`DebiasedMoCo` — Chuang et al. (2020), "Debiased Contrastive Learning" (NeurIPS,
   arXiv 2007.00224): the loss subtracts the expected share of same-class "negatives"
   (:func:`~mocolab.losses.debiased_infonce_loss`).
-- :class:`ClusterMoCo` — in the spirit of Local Aggregation (Zhuang et al. 2019, ICCV):
-  the queue's keys are clustered with k-means (:func:`kmeans`) every few steps, and
-  negatives from the query's own cluster are dropped or down-weighted, since they are
-  the likeliest to be of the query's class (false negatives). :func:`false_negative_rate`
+- :class:`ClusterMoCo` — false-negative elimination (Huynh et al. 2022, WACV, arXiv
+  2011.11765) with k-means clusters as the guess, in the spirit of Local Aggregation
+  (Zhuang et al. 2019, ICCV): the queue's keys are clustered with k-means (:func:`kmeans`)
+  every few steps, and negatives from the query's own cluster are dropped or down-weighted,
+  since they are the likeliest to be of the query's class (false negatives). Attraction
+  (cluster mates as extra positives) is not implemented. :func:`false_negative_rate`
   measures how often a "negative" shares the query's true class.
 """
 from __future__ import annotations
@@ -391,6 +393,7 @@ class ClusterMoCo(MoCo):
         recluster_every: run k-means every this many training steps (≥ 1).
         same_cluster_weight: w in [0, 1]: 0 drops same-cluster negatives, 1 is plain MoCo.
         kmeans_iters: Lloyd iterations per clustering (≥ 1).
+        warmup_steps: training steps of plain MoCo before the first clustering (≥ 0).
 
     Shape:
         forward as :class:`~mocolab.moco.MoCo`: logits (N, 1+K) (−inf at dropped negatives), labels (N,).
@@ -401,12 +404,13 @@ class ClusterMoCo(MoCo):
 
     def __init__(self, base_encoder: Callable[..., nn.Module], dim: int = 128, K: int = 65536, m: float = 0.999,
                  T: float = 0.07, mlp: bool = False, *, num_clusters: int = 10, recluster_every: int = 20,
-                 same_cluster_weight: float = 0.0, kmeans_iters: int = 10, **moco_kwargs):
+                 same_cluster_weight: float = 0.0, kmeans_iters: int = 10, warmup_steps: int = 0, **moco_kwargs):
         num_clusters = _check_int(num_clusters, "num_clusters", 2)
         if num_clusters > int(K):
             raise ValueError(f"num_clusters must be <= the queue size K = {K}, got {num_clusters}")
         self.recluster_every = _check_int(recluster_every, "recluster_every", 1)
         self.kmeans_iters = _check_int(kmeans_iters, "kmeans_iters", 1)
+        self.warmup_steps = _check_int(warmup_steps, "warmup_steps", 0)
         try:
             w = float(same_cluster_weight)
         except (TypeError, ValueError):
@@ -482,7 +486,8 @@ class ClusterMoCo(MoCo):
         self._fn["total_after"] += float((valid * w).sum())
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None):
-        if self.training and self.steps_done % self.recluster_every == 0:
+        since = self.steps_done - self.warmup_steps
+        if self.training and since >= 0 and since % self.recluster_every == 0:
             self.recluster()
         self._index = index
         try:

@@ -150,8 +150,8 @@ class CMC(nn.Module):
             initialised small ConvNet maps every image to nearly the same direction; MoCo's query and key
             encoders start as copies, so their small variations agree from the first step, but CMC's two
             encoders are unrelated. Without the output BN they align on that shared direction and stay
-            there (the L·ab cosine of an image's two views equals that of different images; notebook 10
-            measures it). The BN removes the shared direction.
+            there (the L·ab cosine of an image's two views equals that of different images). The BN
+            removes the shared direction.
 
     Shape:
         forward(im_q (N, 3, H, W), im_k (N, 3, H, W)) -> logits (2N, 1+K), labels (2N,) zeros.

@@ -126,6 +126,57 @@ def test_shapes_styles():
     assert torch.equal(ds.images[:20], xc)
 
 
+def test_shapes_outline_is_a_second_domain_of_the_same_scenes():
+    filled, y_filled = make_shapes(50)
+    outline, y_outline = make_shapes(50, style="outline")
+    assert torch.equal(y_filled, y_outline) and not torch.equal(filled, outline)
+    xo, yo, classes = load_images("shapes-outline", split="test", limit=20)
+    assert torch.equal(xo, make_shapes(20, split="test", style="outline")[0]) and classes == list(SHAPE_NAMES[:10])
+    assert torch.equal(get_dataset("shapes-outline", split="test").images[:20], xo)
+    assert torch.equal(load_images("shapes-outline", limit=30)[0], outline[:30])  # prefix-stable
+
+
+def test_shapes_outline_draws_a_stroke_inside_the_filled_shape():
+    from mocolab.data import SHAPES_STYLES, _render_shapes_chunk
+
+    # a plain scene (no texture, clutter or noise), so the object is every pixel that is not background
+    plain = dict(SHAPES_STYLES["outline"], texture=(0.0, 0.0), noise=0.0, p_clutter=0.0)
+    labels = torch.arange(10).repeat(3)
+    args = dict(labels=labels, names=SHAPE_NAMES[:10], size=64, seed=5, n_draw=30)
+    filled = _render_shapes_chunk(style={**plain, "outline": 0.0}, **args).float().mean(1)  # (N, S, S)
+    stroke = _render_shapes_chunk(style=plain, **args).float().mean(1)
+    background = filled[:, :1, :1]  # the corners are background (shapes are centred, radius < 0.8)
+    in_filled = (filled - background).abs() > 20  # (N, S, S)
+    in_stroke = (stroke - background).abs() > 20
+    assert in_stroke.flatten(1).any(1).all()  # every outline is visible
+    area_filled, area_stroke = in_filled.flatten(1).sum(1), in_stroke.flatten(1).sum(1)
+    compact = (labels == SHAPE_NAMES.index("circle")) | (labels == SHAPE_NAMES.index("square"))
+    assert (area_stroke[compact] < 0.8 * area_filled[compact]).all()  # the middle of a disc or square is empty
+    # the stroke runs along the boundary, half inside the solid shape and half outside
+    inside = (in_stroke & in_filled).flatten(1).sum(1) / area_stroke
+    assert ((inside > 0.35) & (inside < 0.7)).all(), inside
+
+
+def test_shapes_lab_shows_the_object_in_both_l_and_ab():
+    from mocolab.data import SHAPES_STYLES, _render_shapes_chunk
+    from mocolab.multiview import rgb_to_lab
+
+    plain = dict(SHAPES_STYLES["lab"], texture=(0.0, 0.0), noise=0.0, p_clutter=0.0)
+    labels = torch.arange(10).repeat(5)
+    x = _render_shapes_chunk(labels, SHAPE_NAMES[:10], 32, seed=7, n_draw=50, style=plain)  # (N, 3, S, S)
+    lab = rgb_to_lab(x.float() / 255)  # (N, 3, S, S)
+    background = lab[:, :, :1, :1]  # the corners are background
+    diff = lab - background
+    obj = diff.norm(dim=1) > 5  # (N, S, S), the object's pixels
+    assert obj.flatten(1).float().mean(1).min() > 0.05
+    l_gap = (diff[:, 0].abs() * obj).flatten(1).sum(1) / obj.flatten(1).sum(1)  # mean |ΔL| on the object
+    ab_gap = (diff[:, 1:].norm(dim=1) * obj).flatten(1).sum(1) / obj.flatten(1).sum(1)  # mean |Δab|
+    # both views see every object (L less for some hues: Lab's L is not the RGB mean the scenes draw)
+    assert l_gap.min() > 4 and l_gap.median() > 15 and ab_gap.min() > 20, (l_gap, ab_gap)
+    xl, _, _ = load_images("shapes-lab", split="test", limit=20)
+    assert torch.equal(xl, make_shapes(20, split="test", style="lab")[0])
+
+
 def test_shapes_dataset_returns_pil_and_label():
     ds = ShapesDataset(n=20, split="test")
     img, label = ds[3]
@@ -155,7 +206,8 @@ def test_load_images_unknown_name_lists_choices():
     with pytest.raises(ValueError) as err:
         load_images("mnist")
     msg = str(err.value)
-    for choice in ("shapes", "shapes-color", "cifar10", "stl10", "cifar10-small", "imagefolder:PATH"):
+    for choice in ("shapes", "shapes-color", "shapes-outline", "cifar10", "stl10", "cifar10-small",
+                   "imagefolder:PATH"):
         assert choice in msg
 
 

@@ -232,6 +232,19 @@ def test_cluster_moco_weight_one_is_moco():
     torch.testing.assert_close(cm(x, y)[0], moco(x, y)[0])
 
 
+def test_cluster_moco_warmup_is_plain_moco_until_the_first_clustering():
+    torch.manual_seed(0)
+    moco = MoCo(small_encoder, dim=16, K=32, m=0.9, T=0.2)
+    cm = ClusterMoCo(small_encoder, dim=16, K=32, m=0.9, T=0.2, num_clusters=3, warmup_steps=2)
+    cm.load_state_dict(moco.state_dict(), strict=False)
+    x, y = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    for _ in range(2):  # the warm-up: no clustering, every negative kept, the same logits as MoCo
+        torch.testing.assert_close(cm(x, y, index=torch.arange(8))[0], moco(x, y, index=torch.arange(8))[0])
+        assert not bool(cm.has_centroids)
+    cm(x, y, index=torch.arange(8))  # step 2: the first clustering
+    assert bool(cm.has_centroids)
+
+
 def test_cluster_moco_logits_follow_the_weights():
     torch.manual_seed(0)
     model = ClusterMoCo(small_encoder, dim=16, K=32, T=0.2, num_clusters=3, same_cluster_weight=0.5)
@@ -252,7 +265,8 @@ def test_cluster_moco_logits_follow_the_weights():
 @pytest.mark.parametrize("kw,match", [(dict(num_clusters=1), "num_clusters"), (dict(num_clusters=64), "queue size"),
                                       (dict(recluster_every=0), "recluster_every"),
                                       (dict(same_cluster_weight=1.5), "same_cluster_weight"),
-                                      (dict(kmeans_iters=0), "kmeans_iters")])
+                                      (dict(kmeans_iters=0), "kmeans_iters"),
+                                      (dict(warmup_steps=-1), "warmup_steps")])
 def test_cluster_moco_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         ClusterMoCo(small_encoder, dim=16, K=32, **kw)
