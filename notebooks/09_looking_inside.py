@@ -27,26 +27,27 @@
 #
 # **Prerequisites.** Notebooks 02 (InfoNCE), 05 (the momentum encoder) and 08 (evaluation).
 #
-# **Run time.** About 2 minutes at the default size on a quiet 2-core CPU (1 min 41 s measured: two
-# trainings of 150 steps on 4,000 images, and the first UMAP fit, which compiles code); several times
-# longer on a machine shared with other jobs. The last cell prints this run's wall-clock and CPU time.
+# **Run time.** About 1 min 30 s at the default size on a quiet CPU with one thread (measured: 90 s;
+# two trainings of 640 steps on 2,048 images with a measurement after every epoch, about 75 s, and
+# the UMAP fits, whose first one compiles code); less with two threads, several times longer on a
+# machine shared with other jobs. The metrics cell prints this run's wall-clock time.
 
 # %% tags=["parameters"]
 SEED = 0                  # seeds the weights, the data order, the augmentations and the fixed views
 DEVICE = "auto"           # "auto" (CUDA > MPS > CPU), "cpu", "cuda", "mps"
 DATASET = "shapes"        # "shapes" (bundled), "cifar10-small", "cifar10", "stl10" or an ImageFolder path
-NUM_IMAGES = 4000         # training images
-NUM_EVAL = 500            # fixed test images for the embedding, uniformity and the collapse indicator
+NUM_IMAGES = 2048         # training images
+NUM_EVAL = 1000           # fixed test images: the embedding, uniformity, the collapse indicator, kNN queries
 PROBE_BATCH = 256         # fixed training images whose two views give the positive/negative similarities
-WIDTH = 32                # ConvNet width w (channels w, 2w, 4w, 8w)
+WIDTH = 16                # ConvNet width w (channels w, 2w, 4w, 8w)
 DIM = 128                 # feature dimension C of the embedding
-K = 1024                  # queue size (below NUM_IMAGES)
+K = 512                   # queue size (below NUM_IMAGES, so no image is its own negative)
 MOMENTUM = 0.99           # m of the key encoder
 T = 0.1                   # InfoNCE temperature
-EPOCHS = 10               # training epochs of each of the two runs (MoCo, no negatives)
-BATCH_SIZE = 256          # images per step
+EPOCHS = 20               # training epochs of each of the two runs (MoCo, no negatives): 640 steps each
+BATCH_SIZE = 64           # images per step
 LR = 0.06                 # SGD learning rate (cosine decay)
-EMBEDDING_METHOD = "umap"  # "umap" (compiles on first use, ~30 s) or "pca" (instant, linear)
+EMBEDDING_METHOD = "umap"  # "umap" (compiles on first use, ~20 s) or "pca" (instant, linear)
 GALLERY_QUERIES = 3       # test images shown with their nearest keys and hardest negatives
 GALLERY_K = 5             # keys per row of the gallery
 OUTPUT_DIR = "runs/09_looking_inside"  # figures and metrics.json go here
@@ -54,36 +55,28 @@ OUTPUT_DIR = "runs/09_looking_inside"  # figures and metrics.json go here
 # %% [markdown]
 # ## Setup
 #
-# Imports, device, seed and data. Labels are never used for training, only to colour plots and to
+# Labels are never used for training, only to colour plots, to score the kNN classifier and to
 # say which keys share the query's class.
 
 # %%
-import json
 import math
-import time
 from functools import partial
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mocolab import (BatchAugment, ConvNet, MoCo, alignment, collapse_std, extract_features, get_device,
-                     load_images, seed_everything, similarity_stats, uniformity)
+from mocolab import (BatchAugment, ConvNet, Lesson, MoCo, alignment, collapse_std, compare_accuracies,
+                     evaluate_knn, extract_features, similarity_stats, uniformity)
 from mocolab.plotting import embed_2d, nearest_and_hardest, plot_embedding, plot_neighbours, plot_similarity_histograms
 from mocolab.train import TrainConfig, fit
 
-t_start = time.perf_counter()
-torch.set_num_threads(min(2, torch.get_num_threads()))  # a laptop-sized run; raise on a bigger machine
-out = Path(OUTPUT_DIR)
-out.mkdir(parents=True, exist_ok=True)
-device = get_device(DEVICE)
-seed_everything(SEED)
-
-train_x, train_y, classes = load_images(DATASET, "train", limit=NUM_IMAGES, seed=SEED)
-eval_x, eval_y, _ = load_images(DATASET, "test", limit=NUM_EVAL, seed=SEED)
-print(f"{DATASET}: {len(train_x)} training images, {len(eval_x)} fixed evaluation images, {len(classes)} classes")
+lesson = Lesson("09_looking_inside", OUTPUT_DIR, seed=SEED, device=DEVICE)
+out, device = lesson.out, lesson.device
+train_x, train_y, eval_x, eval_y, classes = lesson.load(DATASET, NUM_IMAGES, NUM_EVAL)
+steps = EPOCHS * (len(train_x) // BATCH_SIZE)
+print(f"{steps} steps per run, {steps * (1 - MOMENTUM):.1f} time constants 1/(1 − m) of the key encoder")
 
 # %% [markdown]
 # ## Fixed probes
@@ -142,11 +135,14 @@ def train_and_watch(model, desc):
 
 torch.manual_seed(SEED)
 moco = MoCo(partial(ConvNet, width=WIDTH), dim=DIM, K=K, m=MOMENTUM, T=T)
+knn_random_init = evaluate_knn(moco.encoder_q, train_x, train_y, eval_x, eval_y)  # the untrained starting point
 snaps, history = train_and_watch(moco, "MoCo")
 epochs = sorted(snaps)
 mid = epochs[len(epochs) // 2]
 print(f"trained in {history['train_seconds']:.0f} s; loss {history['loss'][0]:.2f} → {history['loss'][-1]:.2f} "
-      f"(ln(K+1) = {math.log(K + 1):.2f}); kNN accuracy at the end {history['knn_acc'][-1]:.1f} %")
+      f"(ln(K+1) = {math.log(K + 1):.2f})")
+print(compare_accuracies("kNN after training", history["knn_acc"][-1], "at initialisation", knn_random_init,
+                         len(eval_y)))
 
 # %% [markdown]
 # ## Positive and negative similarities
@@ -172,8 +168,9 @@ fig
 # same direction, so positives are similar only because everything is. Once the queue holds real
 # keys, negatives look similar to q as well. From then on, training pulls the two views of an image
 # together and pushes each query away from the queued keys of other images: what the loss rewards
-# is the **gap** between the two, not either mean alone. The width of the red histogram matters too:
-# negatives of the query's own class stay more similar than the rest.
+# is the **gap** between the two, not either mean alone. The red histogram is wide because it mixes
+# two kinds of negatives: keys of other classes and keys of the query's own class, which the gallery
+# at the end shows are often the most similar ones.
 
 # %%
 first_real = 1 if len(epochs) > 1 else 0  # the first snapshot whose queue holds real keys
@@ -224,33 +221,12 @@ print(f"alignment {align_hist[0]:.3f} → {align_hist[-1]:.3f} ({align_hist[-1] 
 # uniformity. The right-hand panel is the path through the plane; good representations end up low
 # in both, which takes far longer training than this.
 #
-# ## The embedding through training
-#
-# UMAP (McInnes et al. 2018) places the fixed test images in 2-D so that neighbours in the 128-d
-# embedding stay neighbours; colours are the classes, which MoCo never saw. One embedding is fitted
-# per snapshot (the first fit compiles code; `EMBEDDING_METHOD = "pca"` skips that for a quick look).
-
-# %%
-fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-embed_methods = []
-for ax, e in zip(axes, shown):
-    xy, used = embed_2d(snaps[e]["z"], method=EMBEDDING_METHOD, seed=SEED, return_method=True)  # (NUM_EVAL, 2)
-    embed_methods.append(used)
-    plot_embedding(xy, eval_y, classes, ax=ax, method=used, title=f"epoch {e}", legend=(e == shown[-1]))
-fig.savefig(out / "embedding_through_training.png", dpi=100, bbox_inches="tight")
-
-# %% [markdown]
-# Notice how the picture at epoch 0 already has some structure (a random ConvNet is not a random
-# function of the image) and how the clusters form, or fail to form, by class as training goes on.
-# UMAP exaggerates clusters and its distances between clusters mean little; compare the pictures
-# with the kNN accuracy printed above rather than reading accuracy off them.
-#
-# ## Collapse: a run with no negatives
+# ## A run with no negatives
 #
 # Why does MoCo need negatives at all? Remove them: keep the momentum key encoder and the queue
 # (only to measure against), but let the loss pull q towards k and nothing else,
 # L = E‖q − k‖² = 2 − 2·E[q·k]: BYOL without its predictor. Mapping every image to the same point
-# makes this loss 0, and nothing in it prevents that.
+# makes this loss 0, and nothing in it pushes features apart.
 #
 # The collapse indicator is the std of the normalised features over the images, averaged over
 # dimensions (`mocolab.metrics.collapse_std`): 0 when all features are one vector, about 1/√C when
@@ -259,7 +235,7 @@ fig.savefig(out / "embedding_through_training.png", dpi=100, bbox_inches="tight"
 
 # %%
 class NoNegatives(MoCo):
-    """MoCo without negatives: the loss only pulls q towards k (BYOL without predictor). Collapses."""
+    """MoCo without negatives: the loss only pulls q towards k (BYOL without its predictor)."""
 
     def _contrast(self, im_q, k, negatives):
         q = F.normalize(self.encoder_q(im_q), dim=1)  # (N, C)
@@ -297,17 +273,48 @@ print(f"collapse_std: at init {collapse_moco[0]:.4f}; after {EPOCHS} epochs MoCo
 print(f"at initialisation the features spread {collapse_moco[0] * math.sqrt(DIM):.2f}× as much as 1/√C; "
       f"after training MoCo's spread {collapse_moco[-1] / max(collapse_nn[-1], 1e-12):.1f}× as much as "
       f"the no-negatives run's")
-print(f"no-negatives loss {history_nn['loss'][0]:.3f} → {history_nn['loss'][-1]:.3f}; its kNN accuracy "
-      f"{history_nn['knn_acc'][-1]:.1f} % vs MoCo's {history['knn_acc'][-1]:.1f} %")
+print(f"no-negatives loss {history_nn['loss'][0]:.3f} → {history_nn['loss'][-1]:.3f}")
+print(compare_accuracies("kNN, MoCo", history["knn_acc"][-1], "no negatives", history_nn["knn_acc"][-1], len(eval_y)))
+print(compare_accuracies("kNN, no negatives", history_nn["knn_acc"][-1], "initialisation", knn_random_init,
+                         len(eval_y)))
 
 # %% [markdown]
-# Notice where the two runs start: at the same point (the same initial weights), and well below
-# 1/√C. A randomly initialised network maps all images into a narrow cone (its features share a
-# large common component), so a collapsed-looking representation is where training *starts*.
-# MoCo's negatives push the features apart, towards 1/√C; without negatives nothing does, and the
-# loss (printed) is minimised while the features stay bunched together. BYOL and SimSiam do without
-# negatives, but they add a predictor network on the query side (with a stop-gradient on the key
-# side), and without that predictor both collapse; MoCo gets the push apart from the queue.
+# Notice where the two runs start: at the same point (the same initial weights), far below 1/√C.
+# A randomly initialised network maps all images into a narrow cone (its features share a large
+# common component), so bunched-together features are where training *starts*; this run did not
+# collapse from a spread state, it never left the bunch. MoCo's negatives push the features apart,
+# towards 1/√C (the blue curve); without negatives nothing does: the no-negatives loss falls towards
+# 0 while its collapse indicator stays near, or below, its value at initialisation, and its
+# uniformity stays near 0. Its kNN accuracy is far below MoCo's (the first comparison printed); the
+# second says how it compares with the untrained network. BYOL and SimSiam do without negatives, but
+# they add a predictor network on the query side (with a stop-gradient on the key side), and their
+# papers report that without the predictor the features collapse; MoCo gets the push apart from the
+# queue.
+#
+# ## The embedding through training
+#
+# UMAP (McInnes et al. 2018) places the fixed test images in 2-D so that neighbours in the 128-d
+# embedding of the MoCo run stay neighbours; colours are the classes, which MoCo never saw. One
+# embedding is fitted per snapshot (the first fit compiles code; `EMBEDDING_METHOD = "pca"` skips that
+# for a quick look). The pictures come after both trainings on purpose: once UMAP's compiled code has
+# run in a process, PyTorch's CPU training in that process was measured to run several times slower
+# on a 2-core CPU. For the exercises, which train again, restart the kernel or set
+# `EMBEDDING_METHOD = "pca"`.
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+embed_methods = []
+for ax, e in zip(axes, shown):
+    xy, used = embed_2d(snaps[e]["z"], method=EMBEDDING_METHOD, seed=SEED, return_method=True)  # (NUM_EVAL, 2)
+    embed_methods.append(used)
+    plot_embedding(xy, eval_y, classes, ax=ax, method=used, title=f"epoch {e}", legend=(e == shown[-1]))
+fig.savefig(out / "embedding_through_training.png", dpi=100, bbox_inches="tight")
+
+# %% [markdown]
+# Notice how the picture at epoch 0 already has some structure (a random ConvNet is not a random
+# function of the image) and how the clusters form, or fail to form, by class as training goes on.
+# UMAP exaggerates clusters and its distances between clusters mean little; compare the pictures
+# with the kNN accuracy printed above rather than reading accuracy off them.
 #
 # ## A query's nearest keys and hardest negatives
 #
@@ -367,31 +374,30 @@ metrics = {
     "uniformity_no_negatives": round(snaps_nn[epochs[-1]]["uniformity"], 4),
     "collapse_std_spread_reference": round(1 / math.sqrt(DIM), 5),
     "knn_acc": round(history["knn_acc"][-1], 2),
+    "knn_acc_random_init": round(knn_random_init, 2),
     "knn_acc_no_negatives": round(history_nn["knn_acc"][-1], 2),
     "final_loss": round(history["loss"][-1], 4),
     "queue_top1_same_class": round(top1_same, 4),
     "queue_same_class_share": round(same_class_share, 4),
     "embedding_method": embed_methods[-1],
-    "device": str(device),
-    "seconds": round(time.perf_counter() - t_start, 1),
-    "cpu_seconds": round(time.process_time(), 1),
+    "steps": steps,
 }
-(out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=1))
-print(f"notebook ran in {metrics['seconds']:.0f} s wall-clock, {metrics['cpu_seconds']:.0f} s of CPU time "
-      f"over {torch.get_num_threads()} threads (wall ≈ CPU / threads on an otherwise idle machine)")
+metrics = lesson.finish(metrics)
 
 # %% [markdown]
 # ## Summary
 #
-# * Positive and negative **similarities** start together (a random network maps everything close
-#   together) and move apart as MoCo trains; their gap is what the InfoNCE loss rewards.
+# * At initialisation every pair of views is similar (a random network maps all images near one
+#   direction), so a high q·k means nothing yet; once the queue holds real keys the negatives are
+#   similar too, and training opens the **gap** between positive and negative similarities that the
+#   InfoNCE loss rewards (its size at the end is the first verdict above).
 # * **Alignment** and **uniformity** make the two halves of the loss measurable: training gives up a
 #   little alignment for a lot of uniformity.
 # * The **embedding** pictures (UMAP) show classes gathering without labels, but read them beside an
 #   accuracy, not instead of one.
 # * Without negatives the loss is minimised by features that stay bunched together: the **collapse
-#   indicator** stays far below MoCo's. Negatives (or BYOL/SimSiam's predictor) are what prevent it.
+#   indicator** stays below half of MoCo's, and the kNN accuracy far below (the second and third
+#   verdicts). Negatives (or BYOL/SimSiam's predictor) are what spread the features.
 # * The queue's **hardest negatives** show what the model still confuses, and same-class keys in the
 #   queue are negatives too.
 #
@@ -400,6 +406,6 @@ print(f"notebook ran in {metrics['seconds']:.0f} s wall-clock, {metrics['cpu_sec
 # 1. Set `T = 0.5` and rerun. How do the similarity histograms and uniformity change? (Notebook 02
 #    explains why a higher temperature weighs hard negatives less.)
 # 2. Build the `NoNegatives` model with `m=0` (the key encoder is the query encoder, without gradient).
-#    Does it collapse faster or slower than with m = 0.99?
+#    Does its collapse indicator end lower or higher than with m = 0.99?
 # 3. Compute alignment and uniformity for a run with `K = 16`. Which of the two suffers from a small
 #    queue?

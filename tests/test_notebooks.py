@@ -52,10 +52,10 @@ CI_PARAMETERS: dict[str, dict] = {
     "00_setup_and_data": {"NUM_IMAGES": 500, "NUM_TEST": 200},
     "01_margin_contrastive_loss": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "EPOCHS": 1, "BATCH_SIZE": 64,
                                    "NUM_SHOW": 128},
-    "02_npair_and_infonce": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "K": 256, "EPOCHS": 1, "SWEEP_EPOCHS": 1,
-                             "BATCH_SIZE": 64, "TEMPERATURES": [0.1, 0.5], "QUEUE_SIZES": [64, 256]},
-    "03_memory_bank": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "K": 256, "EPOCHS": 1, "BATCH_SIZE": 64,
-                       "NUM_STALE": 128},
+    "02_npair_and_infonce": {"NUM_TRAIN": 256, "NUM_TEST": 128, "WIDTH": 8, "K": 128, "EPOCHS": 1, "SWEEP_EPOCHS": 1,
+                             "BATCH_SIZE": 64, "TEMPERATURES": [0.1, 0.5], "QUEUE_SIZES": [64, 128]},
+    "03_memory_bank": {"NUM_TRAIN": 256, "NUM_TEST": 128, "IMAGE_SIZE": 16, "WIDTH": 8, "K": 128, "EPOCHS": 2,
+                       "BATCH_SIZE": 64, "KNN_EVERY": 1, "NUM_STALE": 128},
     "04_queue_without_momentum": {"NUM_TRAIN": 256, "NUM_TEST": 64, "WIDTH": 4, "EPOCHS": 2, "BATCH_SIZE": 64,
                                   "K": 128},
     "05_momentum_encoder": {"NUM_TRAIN": 256, "NUM_TEST": 64, "WIDTH": 4, "EPOCHS": 1, "BATCH_SIZE": 64, "K": 128},
@@ -65,10 +65,10 @@ CI_PARAMETERS: dict[str, dict] = {
                                       "TRANSFER_NUM_IMAGES": 200, "TRANSFER_NUM_TEST": 100},
     "09_looking_inside": {"NUM_IMAGES": 256, "NUM_EVAL": 128, "PROBE_BATCH": 64, "WIDTH": 16, "K": 128, "EPOCHS": 1,
                           "BATCH_SIZE": 64, "EMBEDDING_METHOD": "pca", "GALLERY_QUERIES": 2},
-    "07_moco_full": {"NUM_IMAGES": 128, "EPOCHS": 2, "BATCH_SIZE": 32, "K": 128, "KNN_EVERY": 1},
+    "07_moco_full": {"NUM_IMAGES": 128, "EPOCHS": 2, "BATCH_SIZE": 32, "K": 128, "KNN_EVERY": 1, "COMPARE": True},
     "10_beyond_moco": {"NUM_IMAGES": 128, "NUM_TEST": 64, "WIDTH": 8, "CMC_WIDTH": 4, "STUDENT_WIDTH": 4, "K": 64,
-                       "EPOCHS": 1, "BATCH_SIZE": 32, "MOCHI_N_HARD": 8, "MOCHI_S": 8, "MOCHI_S_PRIME": 2,
-                       "MOCHI_WARMUP_EPOCHS": 0, "NUM_CLUSTERS": 4, "RECLUSTER_EVERY": 2, "KNN_K": 10},
+                       "EPOCHS": 1, "CMC_EPOCHS": 1, "BATCH_SIZE": 32, "MOCHI_N_HARD": 8, "MOCHI_S": 8, "MOCHI_S_PRIME": 2,
+                       "MOCHI_WARMUP_EPOCHS": 0, "NUM_CLUSTERS": 4, "RECLUSTER_EVERY": 2, "CLUSTER_WARMUP_EPOCHS": 0, "KNN_K": 10},
 }
 
 
@@ -92,7 +92,16 @@ def check_01(metrics: dict, output_dir: Path) -> None:
     for key in ("margin_knn_curve", "infonce_knn_curve", "margin_loss", "infonce_loss"):
         assert len(metrics[key]) == epochs and all(_finite_number(v) for v in metrics[key]), key
     assert metrics["margin_knn_acc"] == metrics["margin_knn_curve"][-1]
-    for name in ("loss_vs_distance", "pairs", "margin_embedding", "margin_vs_infonce"):
+    assert metrics["infonce_knn_acc"] == metrics["infonce_knn_curve"][-1]
+    assert metrics["dim"] == 128  # both models: the same 128-d unit-length embedding
+    for when, share in metrics["negatives_past_margin"].items():
+        assert _is_percent(share), (when, share)
+    for pos, neg in metrics["pair_distance_means"].values():
+        assert 0.0 <= pos <= 2.0 + 1e-6 and 0.0 <= neg <= 2.0 + 1e-6  # unit vectors are at most 2 apart
+    params = CI_PARAMETERS["01_margin_contrastive_loss"]
+    assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_TRAIN"], params["NUM_TEST"])
+    _check_verdicts("01", metrics)
+    for name in ("loss_vs_distance", "pairs", "pair_distances", "margin_embedding", "margin_vs_infonce"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
 
@@ -105,6 +114,9 @@ def check_02(metrics: dict, output_dir: Path) -> None:
     for key, swept in (("temperature_sweep", "TEMPERATURES"), ("negatives_sweep", "QUEUE_SIZES")):
         assert set(metrics[key]) == {str(v) for v in params[swept]}, (key, metrics[key])
         assert all(_is_percent(v) for v in metrics[key].values()), (key, metrics[key])
+    assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_TRAIN"], params["NUM_TEST"])
+    assert all(int(k) < metrics["num_train"] for k in metrics["negatives_sweep"])
+    _check_verdicts("02", metrics)
     for name in ("bound", "temperature_sweep", "negatives_sweep"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
@@ -112,18 +124,27 @@ def check_02(metrics: dict, output_dir: Path) -> None:
 def check_03(metrics: dict, output_dir: Path) -> None:
     params = CI_PARAMETERS["03_memory_bank"]
     dim = metrics["dim"]
+    assert metrics["num_train"] == params["NUM_TRAIN"] and metrics["num_test"] == params["NUM_TEST"]
+    assert metrics["image_size"] == params["IMAGE_SIZE"]
     assert metrics["bank_bytes"] == params["NUM_TRAIN"] * dim * 4  # one float32 entry per training image
     assert metrics["queue_bytes"] == params["K"] * dim * 4
     assert metrics["bank_bytes_imagenet"] == 1_281_167 * dim * 4
     assert metrics["bank_bytes_billion"] == 10**9 * dim * 4
+    assert metrics["total_steps"] == params["EPOCHS"] * (params["NUM_TRAIN"] // params["BATCH_SIZE"])
+    epochs = list(range(0, params["EPOCHS"] + 1, params["KNN_EVERY"]))  # 0: before training
+    assert metrics["probe_epoch"] == epochs and metrics["knn_epoch"] == epochs
     for key in ("staleness", "view_cosine", "staleness_nce"):
         values = metrics[key]
-        assert len(values) == params["EPOCHS"], (key, values)
+        assert len(values) == len(epochs), (key, values)
         assert all(_finite_number(v) and -1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in values), (key, values)
-    for key in ("random_init_knn_acc", "softmax_knn_acc", "nce_knn_acc", "moco_random_init_knn_acc", "moco_knn_acc"):
+    for key in ("random_init_knn_acc", "softmax_knn_acc", "nce_knn_acc", "moco_knn_acc"):
         assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
-    assert len(metrics["moco_knn_curve"]) == params["EPOCHS"] + 1
-    assert metrics["moco_knn_curve"][-1] == metrics["moco_knn_acc"]
+    for run in ("softmax", "nce", "moco"):  # every run starts from the same initial weights
+        curve = metrics[f"{run}_knn_curve"]
+        assert len(curve) == len(epochs) and curve[0] == metrics["random_init_knn_acc"], (run, curve)
+        assert curve[-1] == metrics[f"{run}_knn_acc"], (run, curve)
+    assert len(metrics["headline_effects"]) == 3
+    _check_verdicts("03", metrics)
     for name in ("memory", "staleness", "nce_vs_softmax", "bank_vs_moco"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
@@ -150,20 +171,20 @@ def check_10(metrics: dict, output_dir: Path) -> None:
     assert metrics["teacher_knn_acc"] == metrics["moco_knn_acc"], "the teacher is the MoCo encoder"
     for key in ("false_negative_rate_before", "false_negative_rate_after"):
         assert _finite_number(metrics[key]) and 0.0 <= metrics[key] <= 1.0, f"{key} = {metrics[key]!r}"
-    # MoCHi mixes the hardest keys (and the query): its negatives are harder than the queue's on average
+    # MoCHi mixes the hardest keys (and the query): by construction closer to the query than the queue's mean
     assert metrics["mochi_synthetic_sim_mean"] > metrics["mochi_queue_sim_mean"]
-    # CMC runs on colour photos when the CIFAR-10 subset is on this machine, else on the notebook's data
-    from mocolab.data import shared_cifar10_small
-
-    expected = "cifar10-small" if shared_cifar10_small() is not None else "shapes"
-    assert metrics["cmc_dataset"] == expected, metrics["cmc_dataset"]
-    for key in ("cmc_moco_knn_acc", "cmc_random_init_knn_acc", "cmc_l_knn_acc", "cmc_ab_knn_acc"):
+    # CMC runs on the bundled colour shapes by default (no download, no ../shared)
+    assert metrics["cmc_dataset"] == "shapes-lab", metrics["cmc_dataset"]
+    for key in ("cmc_random_init_knn_acc", "cmc_l_knn_acc", "cmc_ab_knn_acc"):
         assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
     for key in ("debiased_clamped_share_moco", "debiased_clamped_share", "debiased_kept_moco", "debiased_kept"):
         assert _finite_number(metrics[key]) and 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
     for key in ("same_before", "other_before", "same_after", "other_after"):
         v = metrics[f"cmc_agreement_{key}"]
         assert _finite_number(v) and -1.0 - 1e-5 <= v <= 1.0 + 1e-5, (key, v)
+    assert metrics["num_train"] == 128 and metrics["num_test"] == 64
+    assert len(metrics["headline_effects"]) == 3
+    _check_verdicts("10", metrics)
     for name in ("lab_views", "mochi_similarities", "knn_summary"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
@@ -181,7 +202,10 @@ def check_07(metrics: dict, output_dir: Path) -> None:
     for name, run in metrics["compare"].items():
         assert _is_percent(run["knn_acc"]) and run["seconds"] > 0 and run["images_per_second"] > 0, name
     assert metrics["compare"]["recipe"]["knn_acc"] == metrics["knn_acc"]
-    assert _is_percent(metrics["backbone_knn_acc"])
+    assert _is_percent(metrics["backbone_knn_acc"]) and _is_percent(metrics["random_init_knn_acc"])
+    assert metrics["num_train"] == params["NUM_IMAGES"] and metrics["num_test"] == max(10, params["NUM_IMAGES"] // 5)
+    assert metrics["total_steps"] == params["EPOCHS"] * (params["NUM_IMAGES"] // params["BATCH_SIZE"])
+    assert len(metrics["headline_effects"]) == 1 and isinstance(metrics["headline_effects"][0]["holds"], bool)
     for name in ("knn_and_loss.png", "v1_v2_symmetric.png", "backbone.pt", "recipe/checkpoint.pt",
                  "recipe/metrics.json", "v2/checkpoint.pt"):
         assert (output_dir / name).stat().st_size > 0, name
@@ -189,7 +213,7 @@ def check_07(metrics: dict, output_dir: Path) -> None:
 
 def check_08(metrics: dict, output_dir: Path) -> None:
     params = CI_PARAMETERS["08_evaluating_representations"]
-    for key in ("knn_acc", "random_init_knn_acc", "supervised_knn_acc", "linear_acc", "linear_acc_standardised",
+    for key in ("knn_acc", "random_init_knn_acc", "supervised_knn_acc", "linear_acc", "linear_acc_official",
                 "random_init_linear_acc", "supervised_linear_acc", "supervised_acc", "knn_monitor_acc"):
         assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
     assert metrics["steps"] == params["EPOCHS"] * (params["NUM_IMAGES"] // params["BATCH_SIZE"])
@@ -203,17 +227,17 @@ def check_08(metrics: dict, output_dir: Path) -> None:
     assert sorted(eff, key=int) == [str(n) for n in params["LABELS_PER_CLASS"]], eff
     for n, row in eff.items():
         assert sorted(row) == ["moco", "random", "supervised"] and all(_is_percent(v) for v in row.values()), (n, row)
+    assert metrics["linear_acc"] == metrics["linear_probe_grid"]["standardised_lr0.1"]
+    # the default transfer domain is bundled ("shapes-outline"): transfer is always measured
     transfer_keys = [k for k in metrics if k.startswith("transfer_") and k.endswith("_acc")]
     assert len(transfer_keys) == 6, transfer_keys
-    from mocolab.data import shared_cifar10_small
-
-    if shared_cifar10_small() is not None:
-        assert metrics["transfer_skipped"] is None, metrics["transfer_skipped"]
-    if metrics["transfer_skipped"] is None:
-        assert all(_is_percent(metrics[k]) for k in transfer_keys), {k: metrics[k] for k in transfer_keys}
-    else:
-        assert isinstance(metrics["transfer_skipped"], str) and all(metrics[k] is None for k in transfer_keys)
-    for name in ("pretraining_curves", "knn_k_sweep", "label_efficiency"):
+    assert metrics["transfer_skipped"] is None, metrics["transfer_skipped"]
+    assert all(_is_percent(metrics[k]) for k in transfer_keys), {k: metrics[k] for k in transfer_keys}
+    assert metrics["transfer_num_train"] == params["TRANSFER_NUM_IMAGES"]
+    assert metrics["transfer_num_test"] == params["TRANSFER_NUM_TEST"]
+    assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_IMAGES"], params["NUM_TEST"])
+    assert len(metrics["headline_effects"]) == 3, metrics["headline_effects"]
+    for name in ("pretraining_curves", "knn_k_sweep", "label_efficiency", "transfer_domains"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
 
@@ -233,10 +257,24 @@ def check_09(metrics: dict, output_dir: Path) -> None:
     assert metrics["collapse_std_history"][0] == metrics["collapse_std_no_negatives_history"][0]
     assert metrics["collapse_std"] == metrics["collapse_std_history"][-1]
     assert 0.0 <= metrics["collapse_std_no_negatives"] < metrics["collapse_std"] <= 1.0
+    for key in ("knn_acc", "knn_acc_no_negatives", "knn_acc_random_init"):
+        assert _is_percent(metrics[key]), (key, metrics[key])
+    params = CI_PARAMETERS["09_looking_inside"]
+    assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_IMAGES"], params["NUM_EVAL"])
+    assert len(metrics["headline_effects"]) == 3, metrics["headline_effects"]
     assert metrics["embedding_method"] == "pca"
     for name in ("similarity_histograms", "alignment_uniformity", "embedding_through_training", "collapse",
                  "nearest_and_hardest"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
+
+
+def _check_verdicts(number: str, metrics: dict) -> None:
+    """metrics.json holds one verdict per headline effect of the notebook, as judge_effects gives them."""
+    from mocolab.lesson import judge_effects
+
+    assert metrics["headline_effects"] == judge_effects(number, metrics), metrics["headline_effects"]
+    assert len(metrics["headline_effects"]) >= 1
+    assert all("not measured" not in e["detail"] for e in metrics["headline_effects"]), metrics["headline_effects"]
 
 
 def check_04(metrics: dict, output_dir: Path) -> None:
@@ -252,6 +290,8 @@ def check_04(metrics: dict, output_dir: Path) -> None:
         # the newest keys were written by the key encoder as it is now: recomputing them gives the same keys
         assert abs(ages[0] - 1.0) < 1e-4, ages
     assert metrics["chance_loss"] == math.log(params["K"] + 1)
+    assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_TRAIN"], params["NUM_TEST"])
+    _check_verdicts("04", metrics)
     for name in ("curves_m0_vs_momentum", "step_loss", "consistency_by_age"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
@@ -268,7 +308,8 @@ def check_05(metrics: dict, output_dir: Path) -> None:
     # after a few steps an m = 0.999 key encoder has hardly moved: its queue is consistent, at least as m = 0's
     assert sweep["0.999"]["key_consistency"] > 0.999, sweep["0.999"]
     assert sweep["0.999"]["key_consistency"] >= sweep["0"]["key_consistency"] - 1e-6
-    assert metrics["best_m_knn"] in sweep
+    assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_TRAIN"], params["NUM_TEST"])
+    _check_verdicts("05", metrics)
     for name in ("momentum_sweep", "consistency_by_age", "curves_per_m"):
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
@@ -281,6 +322,11 @@ def check_06(metrics: dict, output_dir: Path) -> None:
         assert metrics[f"pretext_acc_{run}"] == metrics[f"pretext_curve_{run}"][-1]
         assert all(_finite_number(v) for v in metrics[f"loss_{run}"])
     assert metrics["bn_group_size"] == params["BATCH_SIZE"] // metrics["bn_splits"]
+    assert _is_percent(metrics["random_init_knn_acc"])
+    assert metrics["knn_epochs"][-1] == params["EPOCHS"] and len(metrics["knn_curve_shuffle"]) == len(metrics["knn_epochs"])
+    assert metrics["num_train"] == params["NUM_TRAIN"] and metrics["num_test"] == params["NUM_TEST"]
+    assert metrics["total_steps"] == params["EPOCHS"] * (params["NUM_TRAIN"] // params["BATCH_SIZE"])
+    assert len(metrics["headline_effects"]) == 1 and isinstance(metrics["headline_effects"][0]["holds"], bool)
     assert (output_dir / "shuffle_vs_no_shuffle.png").stat().st_size > 0
 
 
