@@ -309,8 +309,8 @@ print(f"mean cosine similarity of a query to its negatives: queue {mochi_queue_s
 # queue's histogram they lie, and whether the MoCHi model's queue (middle) looks different from MoCo's
 # (left). What they did to the representation is the kNN comparison above. MoCHi's published gain needs
 # more scale than this lesson: with a ResNet-50 pretrained for 200 epochs on ImageNet-1K, the paper reports
-# about half a point of linear top-1 over MoCo v2 (67.5 % to 68.0 %), and larger gains in transfer to
-# detection (the paper is listed in `docs/published_figures.md`). To compare the two at a larger scale, fetch
+# gains of under a point of linear top-1 over MoCo v2, and larger ones in transfer to detection (the paper,
+# arXiv 2010.01028, is listed in `docs/published_figures.md`). To compare the two at a larger scale, fetch
 # CIFAR-10 once (`python -c "import mocolab; mocolab.load_images('cifar10', download=True)"`) and run this
 # notebook on a GPU: `papermill notebooks/10_beyond_moco.ipynb runs/10_cifar10.ipynb -p DEVICE cuda
 # -p DATASET cifar10 -p NUM_IMAGES 50000 -p NUM_TEST 10000 -p WIDTH 64 -p K 4096 -p EPOCHS 200 -p BATCH_SIZE 256`.
