@@ -62,8 +62,9 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)  # the values of the official MoCo CIFAR-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-DATASET_NAMES = ("shapes", "shapes-color", "shapes-outline", "shapes-lab", "cifar10", "stl10", "cifar10-small")
-_CHOICES = "'shapes', 'shapes-color', 'shapes-outline', 'shapes-lab', 'cifar10', 'stl10', 'cifar10-small', 'imagefolder:PATH' or an existing directory"
+SHAPES_NAMES = ("shapes", "shapes-color", "shapes-outline", "shapes-lab")  # "shapes-STYLE": SHAPES_STYLES[STYLE]
+DATASET_NAMES = (*SHAPES_NAMES, "cifar10", "stl10", "cifar10-small")
+_CHOICES = ", ".join(f"'{n}'" for n in DATASET_NAMES) + ", 'imagefolder:PATH' or an existing directory"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -487,7 +488,7 @@ def _resolve_name(name: str) -> tuple[str, Path | None]:
     key = name.lower()
     if key in ("shapes", "cifar10", "stl10"):
         return key, None
-    if key in ("shapes-color", "shapes-outline", "shapes-lab"):
+    if key in SHAPES_NAMES:
         return "shapes", None
     if key == "cifar10-small":
         path = shared_cifar10_small()
