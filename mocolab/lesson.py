@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from .data import load_images
 from .device import get_device, seed_everything
 from .evaluate import accuracy_noise
 
@@ -221,8 +222,6 @@ class Lesson:
 
     def load(self, dataset: str, num_train: int, num_test: int, image_size: int | None = None):
         """``x_train, y_train, x_test, y_test, classes`` (uint8 images) of ``dataset``; records the sizes."""
-        from .data import load_images
-
         x_train, y_train, classes = load_images(dataset, "train", limit=num_train, seed=self.seed, image_size=image_size)
         x_test, y_test, _ = load_images(dataset, "test", limit=num_test, seed=self.seed, image_size=image_size)
         self.num_train, self.num_test = len(x_train), len(x_test)
