@@ -165,7 +165,9 @@ def test_tour_log_is_one_clean_line_per_notebook(tmp_path, capfd):
     out, err = capfd.readouterr()
     lines = out.strip().splitlines()
     assert len(lines) == 3 and lines[1].startswith("[tour] 99_tiny  ok ") and "no headline effects" in lines[1]
-    assert err == ""  # no "Unable to parse line", no "Kernel is running over TCP without encryption"
+    # neither papermill's parameter warning nor the kernel's plain-TCP warning (libzmq may print an
+    # unrelated line of its own when a kernel is shut down on a loaded machine)
+    assert "Unable to parse line" not in err and "without encryption" not in err, err
     assert json.loads((tmp_path / "out" / "99_tiny" / "metrics.json").read_text()) == {"bank_m": 0.9}
 
 
