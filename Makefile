@@ -15,7 +15,7 @@ LAB_ARGS ?=
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test tour lab notebooks clean distclean
+.PHONY: help setup test tour lab notebooks solutions clean distclean
 
 help:
 	@echo "mocolab — contrastive self-supervised learning up to MoCo"
@@ -25,6 +25,7 @@ help:
 	@echo "  make lab        JupyterLab on http://127.0.0.1 with the mocolab environment"
 	@echo "  make setup      create $(VENV) and install mocolab with its dev extras (once)"
 	@echo "  make notebooks  regenerate notebooks/*.ipynb from notebooks/*.py"
+	@echo "  make solutions  run every exercise checker on the reference solutions (notebooks/solutions/)"
 	@echo "  make clean      remove runs/ and caches (keeps the virtual environment)"
 	@echo "  make distclean  clean, and remove .venv"
 	@echo
@@ -55,6 +56,9 @@ lab: setup
 
 notebooks: setup
 	$(PYTHON) tools/sync_notebooks.py
+
+solutions: setup
+	$(PYTHON) -m mocolab.exercises notebooks/solutions/solutions.py
 
 clean:
 	rm -rf runs notebooks/runs .pytest_cache build dist *.egg-info

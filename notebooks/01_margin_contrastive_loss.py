@@ -114,6 +114,28 @@ fig.savefig(out / "loss_vs_distance.png", dpi=100, bbox_inches="tight")
 # stops at 2 because the models below compare unit vectors, which are never more than 2 apart.
 
 # %% [markdown]
+# ### Your turn: the loss for a whole batch, without a loop
+#
+# Write `margin_loss(x1, x2, y, margin)` for N pairs at once: `x1`, `x2` of shape (N, C), `y` of shape (N,)
+# holding 0 (similar) or 1 (dissimilar), and one number back, the mean over the pairs. No Python loop:
+# compute the N distances `D` in one line (`(x1 - x2).norm(dim=1)`), then the two branches with
+# `torch.clamp(…, min=0)`. The checker compares your function with `mocolab.margin_contrastive_loss`, value
+# and gradient, on batches of several sizes, margins and label mixes, and names the usual slips (a missing ½,
+# an unclamped hinge, swapped labels). Until it passes, the notebook keeps using the library's loss. A
+# reference solution is in `notebooks/solutions/solutions.py`.
+
+# %%
+from mocolab import exercises
+
+
+def margin_loss(x1, x2, y, margin):
+    """Mean over the N pairs of (1 − y)·½·D² + y·½·max(0, margin − D)², with D = ‖x1 − x2‖."""
+    raise NotImplementedError  # your code here
+
+
+margin_loss = exercises.check("margin_loss", margin_loss)
+
+# %% [markdown]
 # ## Making pairs without labels
 #
 # A **positive pair** is two augmented views of the same image (random crop, flip, colour jitter,

@@ -108,6 +108,27 @@ print("logits (N, 1+K) =", tuple(logits.shape), " labels =", labels.tolist())
 print("InfoNCE loss:", F.cross_entropy(logits, labels).item())
 
 # %% [markdown]
+# ### Your turn: InfoNCE from the encoder outputs
+#
+# Write `infonce(q, k, queue, T)` returning `(logits, labels, loss)`. Here `q` and `k` (N, C) come straight
+# from the encoders, **not yet normalised**; `queue` (C, K) holds unit keys as columns. Normalise q and k
+# along dim 1, build the logits with the positive in column 0, divide by T once, and take the cross-entropy.
+# The checker compares your function with `mocolab.infonce_logits` on several N, C, K and T, and on
+# uninformative features, where the loss must come out at exactly ln(K+1). Until it passes, the notebook
+# uses the library's version (reference solution: `notebooks/solutions/solutions.py`).
+
+# %%
+from mocolab import exercises
+
+
+def infonce(q, k, queue, T):
+    """(logits (N, 1+K), labels (N,), loss) with the positive at index 0; q and k are not yet normalised."""
+    raise NotImplementedError  # your code here
+
+
+infonce = exercises.check("infonce", infonce)
+
+# %% [markdown]
 # ## The N-pair loss is a softmax cross-entropy
 #
 # Sohn (2016) writes the loss of an anchor `f` with positive `f⁺` and negatives `fᵢ` as
@@ -151,6 +172,36 @@ mocolab.widgets.temperature_explorer(T=0.1, K=16)
 # %% [markdown]
 # Notice that at a very large T the loss tends to `ln(K+1)` whatever the similarities are (all candidates
 # look alike), and at a very small T it is decided by the single largest negative.
+
+# %% [markdown]
+# ### Your turn: predict, then check with a slider
+#
+# The explorer above shows one query's 1 + 16 similarities: the positive at 0.6, the negatives between
+# −0.58 and 0.33. **Before you move a slider**, guess the temperature at which the softmax puts exactly half
+# of its mass on the positive, and write it into `my_prediction`. Then run the cell and move the slider
+# until the line under it says ✓: it compares the value you found with your guess. (Without a live kernel,
+# as in the tour, the cell prints the answer instead.)
+
+# %%
+my_prediction = None  # your guess for T, e.g. 0.3
+
+exercises.half_mass_temperature(my_prediction, K=16, seed=0)
+
+# %% [markdown]
+# ### Your turn: the chance loss
+#
+# If the features carry no information, every candidate is as likely as any other. Write `chance_loss(K)`:
+# the InfoNCE loss, in nats, for one positive and K negatives that all look alike. The next section measures
+# it on a random-init model.
+
+# %%
+def chance_loss(K):
+    """The InfoNCE loss when the positive and the K negatives are indistinguishable."""
+    raise NotImplementedError  # your code here
+
+
+chance_loss = exercises.check("chance_loss", chance_loss)
+print(f"chance loss for the queue of this notebook, K = {K}: {chance_loss(K):.3f} nats")
 
 # %% [markdown]
 # ## The loss at initialisation is about ln(K+1)

@@ -112,6 +112,27 @@ torch.testing.assert_close(bank.memory, expected)
 print("naive update == MemoryBank.update; the other", bank.num_samples - len(index), "entries are unchanged")
 
 # %% [markdown]
+# ### Your turn: the update for a whole batch
+#
+# Write `bank_update(memory, index, features, m)`: rewrite the rows `memory[index]` in place with
+# `normalize(m·old + (1 − m)·feature)`, all N rows at once (no loop), and leave every other row alone.
+# `features` (N, C) come from the encoder and carry gradients; the bank stores plain numbers. The checker
+# compares the whole bank with `mocolab.MemoryBank.update` for several sizes and for m = 0 (replace), m = 1
+# (keep) and values between. Until it passes, the notebook uses the library's update (reference solution:
+# `notebooks/solutions/solutions.py`).
+
+# %%
+from mocolab import exercises
+
+
+def bank_update(memory, index, features, m):
+    """In place: memory[index] ← normalize(m·memory[index] + (1 − m)·features), rows L2-normalised."""
+    raise NotImplementedError  # your code here
+
+
+bank_update = exercises.check("bank_update", bank_update)
+
+# %% [markdown]
 # ## Memory: O(N) for the bank, O(K) for a queue
 #
 # The bank has one `DIM`-float entry per training image: `M × C` numbers. MoCo's queue holds K keys, whatever

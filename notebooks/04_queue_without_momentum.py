@@ -78,6 +78,42 @@ print(f"queue K = {K} keys = the keys of the last {K / BATCH_SIZE:g} batches of 
       f"{total_steps} steps per run, {total_steps * (1 - M_SLOW):.1f} time constants of m = {M_SLOW:g}")
 
 # %% [markdown]
+# ## The queue is a ring buffer
+#
+# MoCo's queue is a tensor of K columns, one key per column, and a pointer to the oldest one. Every step
+# writes the N new keys over the N oldest, from the pointer on, and moves the pointer by N. When the batch
+# runs past column K − 1 it continues at column 0: the columns are taken modulo K, so any K works, also
+# one that N does not divide.
+#
+# ### Your turn: enqueue
+#
+# Write `enqueue(queue, ptr, keys)`: put key i (the rows of `keys`, (N, C)) into column `(ptr + i) % K` of
+# `queue` (C, K), in place, and return the new pointer. The checker runs sequences of calls against
+# `mocolab.KeyQueue` (K not divisible by N, N = K, N = 1, varying N) and names the usual slips: a pointer
+# that does not wrap, is off by one, or jumps back to 0. Until it passes, the notebook uses the library's
+# version (reference solution: `notebooks/solutions/solutions.py`).
+
+# %%
+from mocolab import exercises
+
+
+def enqueue(queue, ptr, keys):
+    """Write keys (N, C) into the columns of queue (C, K) from ptr on, wrapping around; return the new ptr."""
+    raise NotImplementedError  # your code here
+
+
+enqueue = exercises.check("enqueue", enqueue)
+
+# %% [markdown]
+# A queue of K = 5 one-number keys, filled by batches of N = 2: watch the third batch wrap around.
+
+# %%
+ring, ptr = torch.zeros(1, 5), 0
+for batch in range(1, 5):
+    ptr = enqueue(ring, ptr, torch.full((2, 1), float(batch)))
+    print(f"after batch {batch}: queue {ring[0].int().tolist()}, pointer {ptr}")
+
+# %% [markdown]
 # ## m = 0: the key encoder is the query encoder
 #
 # MoCo updates the key encoder before it computes the keys of a batch:

@@ -109,6 +109,27 @@ for m in MOMENTA:
 print(f"this notebook's runs last {total_steps} steps; the queue spans {K / BATCH_SIZE:g} steps")
 
 # %% [markdown]
+# ### Your turn: the momentum update, in place
+#
+# Write `momentum_update(encoder_k, encoder_q, m)`: θk ← m·θk + (1 − m)·θq for every parameter, **in
+# place** (update the existing tensors of `encoder_k`: no new tensor per parameter, and no gradient
+# history), leaving `encoder_q` untouched. The checker compares the key encoder with
+# `mocolab.momentum_update` for m = 0 (a copy), m = 1 (frozen) and values between, and names the usual
+# slips: the momentum the wrong way round, θq updated instead of θk, a new tensor per parameter. Until it
+# passes, the notebook uses the library's update (reference solution: `notebooks/solutions/solutions.py`).
+
+# %%
+from mocolab import exercises
+
+
+def momentum_update(encoder_k, encoder_q, m):
+    """In place, without gradients: θk ← m·θk + (1 − m)·θq over the parameters of the two encoders."""
+    raise NotImplementedError  # your code here
+
+
+momentum_update = exercises.check("momentum_update", momentum_update)
+
+# %% [markdown]
 # The drift per step is what makes the queue inconsistent; the lag is what the
 # key encoder pays for it. Keep the run length printed last in mind: a time
 # constant comparable to the whole training means the key encoder barely leaves

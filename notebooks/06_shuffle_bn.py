@@ -123,6 +123,28 @@ print(f"SplitBatchNorm with S = {BN_SPLITS} = BatchNorm applied to each group of
 # ablation.
 
 # %% [markdown]
+# ### Your turn: keys with the batch shuffled
+#
+# On one device the shuffle is a permutation of the batch. Write `shuffled_keys(encoder_k, im_k)`: draw a
+# random permutation `idx_shuffle`, encode the shuffled batch `im_k[idx_shuffle]` in one call, L2-normalise
+# the keys, and put them back in the original order with the inverse permutation, so that key i belongs to
+# image i again. No gradient may reach the key encoder. The checker watches which order the encoder saw
+# and compares your keys with the library's (`mocolab.batch_shuffle` / `batch_unshuffle`, one process)
+# for that same order, on an encoder with two BN groups. Until it passes, the notebook uses the library's
+# version (reference solution: `notebooks/solutions/solutions.py`).
+
+# %%
+from mocolab import exercises
+
+
+def shuffled_keys(encoder_k, im_k):
+    """Keys (N, C), unit length, in the order of im_k, computed on the shuffled batch without gradient."""
+    raise NotImplementedError  # your code here
+
+
+shuffled_keys = exercises.check("shuffled_keys", shuffled_keys)
+
+# %% [markdown]
 # ## Two trainings: with and without the shuffle
 #
 # Same initial weights, batches, augmentations and number of steps; both with

@@ -87,7 +87,11 @@ from mocolab import Lesson, compare_accuracies
 from mocolab.checkpoint import export_backbone, load_checkpoint
 from mocolab.encoders import build_encoder
 from mocolab.evaluate import evaluate_knn
+from mocolab.lesson import check_parameters
 from mocolab.train import build_model, load_pretrain_data, pretrain, resolve_config
+
+check_parameters(NUM_IMAGES=NUM_IMAGES, EPOCHS=EPOCHS, BATCH_SIZE=BATCH_SIZE, K=K, BN_SPLITS=BN_SPLITS,
+                 KNN_EVERY=KNN_EVERY, SEED=SEED)
 
 lesson = Lesson("07_moco_full", OUTPUT_DIR, seed=SEED, device=DEVICE)
 output_dir = lesson.out
@@ -118,6 +122,37 @@ def command_line(cfg: dict, out: str, launcher: str = "mocolab") -> str:
 
 
 print("\nthe same run from a terminal:\n  " + command_line(recipe, str(output_dir / "recipe")))
+
+# %% [markdown]
+# ## Your turn: the whole MoCo step in about 20 lines
+#
+# `pretrain` hides one training step inside `mocolab.MoCo`. Write it yourself before running it:
+# `moco_step(encoder_q, encoder_k, queue, ptr, im_q, im_k, m, T)` returns `(logits, labels, new ptr)` and
+# updates `encoder_k` and `queue` in place, in MoCo's order:
+#
+# 1. the momentum update of the key encoder (notebook 05);
+# 2. the keys, normalised and without gradient; shuffling the batch (notebook 06) is optional here;
+# 3. the queries, normalised, with gradient;
+# 4. the logits with the positive at index 0, divided by T (notebook 02), against a *copy* of the queue;
+# 5. the enqueue of the keys at `ptr`, wrapping around (notebook 04).
+#
+# Paste your pieces from the earlier notebooks or use the library's (`mocolab.momentum_update`,
+# `mocolab.infonce_logits`, `mocolab.batch_shuffle` and `mocolab.batch_unshuffle`). The checker trains your
+# step and `mocolab.MoCo` side by side for five steps from the same weights, on the same images, with an SGD
+# step after each, and compares the logits, the labels, the key encoder, the queue and its pointer; it also
+# checks that the loss's gradient reaches the query encoder and not the key encoder. Until it passes, the
+# notebook goes on with the library (reference solution: `notebooks/solutions/solutions.py`).
+
+# %%
+from mocolab import exercises
+
+
+def moco_step(encoder_q, encoder_k, queue, ptr, im_q, im_k, m, T):
+    """One MoCo step: returns (logits (N, 1+K), labels (N,), new ptr); updates encoder_k and queue in place."""
+    raise NotImplementedError  # your code here
+
+
+moco_step = exercises.check("moco_step", moco_step)
 
 # %% [markdown]
 # ## The encoder before training
@@ -306,9 +341,10 @@ else:
 # %% [markdown]
 # ## Checkpoints: resume, and export the backbone
 #
-# After every epoch the run directory receives `checkpoint.pt`, written
+# Every `save_every` epochs (10 by default) or 10 minutes, after the last
+# epoch and on Ctrl-C, the run directory receives `checkpoint.pt`, written
 # atomically (a temporary file, then a rename) so that an interrupted run
-# never leaves a half-written file. It holds the whole training state — both
+# never leaves a half-written file, and never with a diverged (NaN) state. It holds the whole training state — both
 # encoders, the queue and its pointer, the optimiser, the epoch and step, the
 # random-number generators, the history — as plain tensors, so
 # `torch.load(..., weights_only=True)` reads it. Running the same command

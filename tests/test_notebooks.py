@@ -355,10 +355,12 @@ TIMEOUT_S: dict[str, int] = {}
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
-# Quiet kernels: no progress bars (mocolab.progress and plain tqdm).
+# Quiet, headless kernels: no progress bars (mocolab.progress and plain tqdm); exercise stubs fall back to the
+# library's implementation (mocolab.exercises).
 KERNEL_ENV = {
     "CI": os.environ.get("CI", "true"),
     "MOCOLAB_QUIET": "1",
+    "MOCOLAB_HEADLESS": "1",
     "TQDM_DISABLE": "1",
     "PYDEVD_DISABLE_FILE_VALIDATION": "1",
 }

@@ -500,9 +500,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no notebooks found in {args.notebook_dir}", file=sys.stderr)
         return 1
     parameters = {name: _parse_value(value) for name, value in args.parameter}
-    # Headless: no progress bars in the saved notebooks.
+    # Headless: no progress bars in the saved notebooks; exercise stubs fall back to the library (mocolab.exercises).
     os.environ.setdefault("MOCOLAB_QUIET", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("MOCOLAB_HEADLESS", "1")
 
     out_root = args.out.resolve()
     width = max(len(nb.stem) for nb in notebooks)

@@ -1,0 +1,614 @@
+"""The exercise checkers: the reference solutions pass, every typical mistake fails with its own hint,
+and no function that feeds the library the wrong inputs passes."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mocolab
+from mocolab import exercises
+from mocolab.exercises import EXERCISES, MISTAKES, check, run_check
+
+REPO = Path(__file__).resolve().parents[1]
+SOLUTIONS_PATH = REPO / "notebooks" / "solutions" / "solutions.py"
+
+
+def _load_solutions():
+    spec = importlib.util.spec_from_file_location("mocolab_reference_solutions", SOLUTIONS_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sol = _load_solutions()
+
+
+@pytest.fixture(autouse=True)
+def _headless(monkeypatch):
+    monkeypatch.setenv("MOCOLAB_HEADLESS", "1")
+
+
+# ----------------------------------------------------------------------------- the right answers
+@pytest.mark.parametrize("name", list(EXERCISES))
+def test_reference_solution_passes(name):
+    result = run_check(name, getattr(sol, name))
+    assert result.passed, str(result)
+    assert str(result).startswith("✓") and "Checked:" in str(result)
+
+
+@pytest.mark.parametrize("name", list(EXERCISES))
+def test_library_fallback_passes(name):
+    result = run_check(name, EXERCISES[name].library)
+    assert result.passed, str(result)
+
+
+def test_every_notebook_01_to_07_has_an_exercise_and_07_has_the_step():
+    assert {e.notebook for e in EXERCISES.values()} == {"01", "02", "03", "04", "05", "06", "07"}
+    assert EXERCISES["moco_step"].notebook == "07"
+
+
+# ----------------------------------------------------------------------------- wrong answers
+def _fails_with(name, fn, mistake):
+    result = run_check(name, fn)
+    assert result.status == "failed", str(result)
+    assert result.mistake == mistake, f"expected {mistake}, got {result.mistake}:\n{result}"
+    text = str(result)
+    assert text.startswith("✗") and "Case:" in text and f"Hint: {MISTAKES[mistake]}" in text
+    return result
+
+
+# 01 · margin loss ------------------------------------------------------------------------------------
+def _margin(similar, dissimilar, reduce=torch.mean):
+    def loss(x1, x2, y, margin):
+        y = y.to(x1.dtype)
+        D = (x1 - x2).norm(dim=1)
+        return reduce((1 - y) * similar(D) + y * dissimilar(D, margin))
+    return loss
+
+
+_half_sq = lambda D: 0.5 * D**2  # noqa: E731
+_hinge = lambda D, m: 0.5 * torch.clamp(m - D, min=0) ** 2  # noqa: E731
+
+MARGIN_MISTAKES = {
+    "labels_swapped": lambda x1, x2, y, m: sol.margin_loss(x1, x2, 1 - y, m),
+    "missing_half": _margin(lambda D: D**2, lambda D, m: torch.clamp(m - D, min=0) ** 2),
+    "loss_not_mean": _margin(_half_sq, _hinge, reduce=torch.sum),
+    "hinge_not_clamped": _margin(_half_sq, lambda D, m: 0.5 * (m - D) ** 2),
+    "hinge_on_squared_distance": _margin(_half_sq, lambda D, m: 0.5 * torch.clamp(m - D**2, min=0) ** 2),
+    "hinge_not_squared": _margin(_half_sq, lambda D, m: 0.5 * torch.clamp(m - D, min=0)),
+    "distance_not_squared": _margin(lambda D: 0.5 * D, _hinge),
+    "margin_ignored": lambda x1, x2, y, m: mocolab.margin_contrastive_loss(x1, x2, y),  # margin 1
+    "labels_ignored": lambda x1, x2, y, m: sol.margin_loss(x1, x2, torch.zeros_like(y), m),
+    "not_a_tensor": lambda x1, x2, y, m: sol.margin_loss(x1, x2, y, m).item(),
+    "detached": lambda x1, x2, y, m: sol.margin_loss(x1, x2, y, m).detach(),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MARGIN_MISTAKES))
+def test_margin_loss_mistakes(mistake):
+    _fails_with("margin_loss", MARGIN_MISTAKES[mistake], mistake)
+
+
+# 02 · InfoNCE ----------------------------------------------------------------------------------------
+def _infonce(normalise=lambda x: F.normalize(x, dim=1), order="pos_first", scale=lambda logits, T: logits / T,
+             labels=lambda n: torch.zeros(n, dtype=torch.long), reduction="mean", detach=False):
+    def infonce(q, k, queue, T):
+        q, k = normalise(q), normalise(k)
+        l_pos, l_neg = (q * k).sum(dim=1, keepdim=True), q @ queue
+        logits = scale(torch.cat([l_pos, l_neg] if order == "pos_first" else [l_neg, l_pos], dim=1), T)
+        lab = labels(q.shape[0])
+        loss = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long), reduction=reduction)
+        return logits, lab, loss.detach() if detach else loss
+    return infonce
+
+
+INFONCE_MISTAKES = {
+    "positive_not_first": _infonce(order="pos_last"),
+    "temperature_twice": _infonce(scale=lambda logits, T: logits / T / T),
+    "no_temperature": _infonce(scale=lambda logits, T: logits),
+    "temperature_multiplied": _infonce(scale=lambda logits, T: logits * T),
+    "not_normalised": _infonce(normalise=lambda x: x),
+    "normalised_wrong_dim": _infonce(normalise=lambda x: F.normalize(x, dim=0)),
+    "labels_not_zero": _infonce(labels=lambda n: torch.arange(n)),
+    "loss_not_mean": _infonce(reduction="sum"),
+    "detached": _infonce(detach=True),
+}
+
+
+@pytest.mark.parametrize("mistake", list(INFONCE_MISTAKES))
+def test_infonce_mistakes(mistake):
+    _fails_with("infonce", INFONCE_MISTAKES[mistake], mistake)
+
+
+CHANCE_MISTAKES = {
+    "chance_forgot_positive": lambda K: math.log(K),
+    "chance_log_base": lambda K: math.log2(K + 1),
+    "chance_probability": lambda K: 1 / (K + 1),
+    "chance_sign": lambda K: -math.log(K + 1),
+}
+
+
+@pytest.mark.parametrize("mistake", list(CHANCE_MISTAKES))
+def test_chance_loss_mistakes(mistake):
+    _fails_with("chance_loss", CHANCE_MISTAKES[mistake], mistake)
+
+
+# 03 · memory bank ------------------------------------------------------------------------------------
+def _bank_reversed(memory, index, features, m):
+    with torch.no_grad():
+        memory[index] = F.normalize((1 - m) * memory[index] + m * features, dim=1)
+
+
+def _bank_not_renormalised(memory, index, features, m):
+    with torch.no_grad():
+        memory[index] = m * memory[index] + (1 - m) * features
+
+
+def _bank_wrong_dim(memory, index, features, m):
+    with torch.no_grad():
+        memory[index] = F.normalize(m * memory[index] + (1 - m) * features, dim=0)
+
+
+def _bank_first_rows(memory, index, features, m):
+    with torch.no_grad():
+        n = len(index)
+        memory[:n] = F.normalize(m * memory[:n] + (1 - m) * features, dim=1)
+
+
+def _bank_returns_new(memory, index, features, m):
+    out = memory.clone()
+    sol.bank_update(out, index, features, m)
+    return out
+
+
+def _bank_not_detached(memory, index, features, m):
+    memory[index] = F.normalize(m * memory[index] + (1 - m) * features, dim=1)
+
+
+def _bank_scales_everything(memory, index, features, m):
+    with torch.no_grad():
+        memory.mul_(m)
+        memory[index] += (1 - m) * features
+        memory[index] = F.normalize(memory[index], dim=1)
+
+
+BANK_MISTAKES = {
+    "bank_momentum_reversed": _bank_reversed,
+    "bank_not_renormalised": _bank_not_renormalised,
+    "normalised_wrong_dim": _bank_wrong_dim,
+    "bank_ignores_index": _bank_first_rows,
+    "not_updated_in_place": _bank_returns_new,
+    "not_detached": _bank_not_detached,
+    "bank_other_rows": _bank_scales_everything,
+}
+
+
+@pytest.mark.parametrize("mistake", list(BANK_MISTAKES))
+def test_bank_update_mistakes(mistake):
+    _fails_with("bank_update", BANK_MISTAKES[mistake], mistake)
+
+
+# 04 · ring buffer ------------------------------------------------------------------------------------
+def _enqueue_slice(queue, ptr, keys):  # no wrap-around: fails when the batch runs past the end
+    with torch.no_grad():
+        queue[:, ptr:ptr + keys.shape[0]] = keys.t()
+    return (ptr + keys.shape[0]) % queue.shape[1]
+
+
+def _enqueue_unwrapped_pointer(queue, ptr, keys):
+    sol.enqueue(queue, ptr, keys)
+    return ptr + keys.shape[0]
+
+
+def _enqueue_off_by_one(queue, ptr, keys):
+    sol.enqueue(queue, ptr, keys)
+    return (ptr + keys.shape[0] + 1) % queue.shape[1]
+
+
+def _enqueue_reset(queue, ptr, keys):
+    n, K = keys.shape[0], queue.shape[1]
+    if ptr + n > K:
+        ptr = 0
+    with torch.no_grad():
+        queue[:, ptr:ptr + n] = keys.t()
+    return (ptr + n) % K
+
+
+def _enqueue_at_zero(queue, ptr, keys):
+    sol.enqueue(queue, 0, keys)
+    return (ptr + keys.shape[0]) % queue.shape[1]
+
+
+def _enqueue_rows(queue, ptr, keys):
+    with torch.no_grad():
+        queue[:, (ptr + torch.arange(keys.shape[0])) % queue.shape[1]] = keys
+    return (ptr + keys.shape[0]) % queue.shape[1]
+
+
+def _enqueue_reversed(queue, ptr, keys):
+    return sol.enqueue(queue, ptr, keys.flip(0))
+
+
+def _enqueue_new_tensor(queue, ptr, keys):
+    queue = queue.clone()
+    return sol.enqueue(queue, ptr, keys)
+
+
+def _enqueue_not_detached(queue, ptr, keys):
+    queue[:, (ptr + torch.arange(keys.shape[0])) % queue.shape[1]] = keys.t()
+    return (ptr + keys.shape[0]) % queue.shape[1]
+
+
+ENQUEUE_MISTAKES = {
+    "pointer_not_wrapping": _enqueue_slice,
+    "queue_reset_instead_of_wrap": _enqueue_reset,
+    "pointer_off_by_one": _enqueue_off_by_one,
+    "queue_ignores_pointer": _enqueue_at_zero,
+    "keys_as_rows": _enqueue_rows,
+    "keys_reversed": _enqueue_reversed,
+    "not_updated_in_place": _enqueue_new_tensor,
+    "not_detached": _enqueue_not_detached,
+}
+
+
+@pytest.mark.parametrize("mistake", list(ENQUEUE_MISTAKES))
+def test_enqueue_mistakes(mistake):
+    _fails_with("enqueue", ENQUEUE_MISTAKES[mistake], mistake)
+
+
+def test_enqueue_pointer_that_never_wraps_is_named():
+    _fails_with("enqueue", _enqueue_unwrapped_pointer, "pointer_not_wrapping")
+
+
+# 05 · momentum ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def _momentum_reversed(encoder_k, encoder_q, m):
+    for p_k, p_q in zip(encoder_k.parameters(), encoder_q.parameters()):
+        p_k.mul_(1 - m).add_(p_q, alpha=m)
+
+
+@torch.no_grad()
+def _momentum_on_query(encoder_k, encoder_q, m):
+    for p_k, p_q in zip(encoder_k.parameters(), encoder_q.parameters()):
+        p_q.mul_(m).add_(p_k, alpha=1 - m)
+
+
+@torch.no_grad()
+def _momentum_new_tensors(encoder_k, encoder_q, m):
+    for p_k, p_q in zip(encoder_k.parameters(), encoder_q.parameters()):
+        p_k.data = m * p_k.data + (1 - m) * p_q.data
+
+
+def _momentum_recorded(encoder_k, encoder_q, m):
+    for p_k, p_q in zip(encoder_k.parameters(), encoder_q.parameters()):
+        p_k.mul_(m).add_((1 - m) * p_q)
+
+
+@torch.no_grad()
+def _momentum_with_buffers(encoder_k, encoder_q, m):
+    for t_k, t_q in zip(encoder_k.state_dict().values(), encoder_q.state_dict().values()):
+        if t_k.is_floating_point():
+            t_k.mul_(m).add_(t_q, alpha=1 - m)
+
+
+MOMENTUM_MISTAKES = {
+    "momentum_reversed": _momentum_reversed,
+    "query_updated": _momentum_on_query,
+    "not_in_place": _momentum_new_tensors,
+    "momentum_not_no_grad": _momentum_recorded,
+    "momentum_buffers": _momentum_with_buffers,
+    "momentum_missing": lambda encoder_k, encoder_q, m: None,
+}
+
+
+@pytest.mark.parametrize("mistake", list(MOMENTUM_MISTAKES))
+def test_momentum_update_mistakes(mistake):
+    _fails_with("momentum_update", MOMENTUM_MISTAKES[mistake], mistake)
+
+
+# 06 · shuffle ----------------------------------------------------------------------------------------
+def _keys(shuffle=True, unshuffle="argsort", normalise=True, no_grad=True, calls=1):
+    def shuffled_keys(encoder_k, im_k):
+        with torch.set_grad_enabled(not no_grad):
+            n = im_k.shape[0]
+            idx = torch.randperm(n) if shuffle else torch.arange(n)
+            for _ in range(calls - 1):
+                encoder_k(im_k[idx])
+            k = encoder_k(im_k[idx])
+            k = F.normalize(k, dim=1) if normalise else k
+            if unshuffle == "argsort":
+                return k[torch.argsort(idx)]
+            return k[idx] if unshuffle == "same" else k
+    return shuffled_keys
+
+
+SHUFFLE_MISTAKES = {
+    "shuffle_not_undone": _keys(unshuffle=None),
+    "unshuffle_with_shuffle_index": _keys(unshuffle="same"),
+    "not_shuffled": _keys(shuffle=False),
+    "not_normalised": _keys(normalise=False),
+    "key_not_detached": _keys(no_grad=False),
+    "one_encoder_call": _keys(calls=2),
+}
+
+
+@pytest.mark.parametrize("mistake", list(SHUFFLE_MISTAKES))
+def test_shuffled_keys_mistakes(mistake):
+    _fails_with("shuffled_keys", SHUFFLE_MISTAKES[mistake], mistake)
+
+
+# 07 · the MoCo step ----------------------------------------------------------------------------------
+def _step(momentum=sol.momentum_update, keys="after", key_encoder="k", detach_keys=True, normalise_q=True,
+          pos_first=True, divide=lambda logits, T: logits / T, clone_queue=True, enqueue_first=False,
+          enqueue=sol.enqueue, q_grad=True, labels=lambda n: torch.zeros(n, dtype=torch.long)):
+    def moco_step(encoder_q, encoder_k, queue, ptr, im_q, im_k, m, T):
+        def make_keys():
+            enc = encoder_k if key_encoder == "k" else encoder_q
+            if detach_keys:
+                return sol.shuffled_keys(enc, im_k)
+            return F.normalize(enc(im_k), dim=1)
+
+        if keys == "before":
+            k = make_keys()
+            momentum(encoder_k, encoder_q, m)
+        else:
+            momentum(encoder_k, encoder_q, m)
+            k = make_keys()
+        with torch.set_grad_enabled(q_grad):
+            q = encoder_q(im_q)
+            q = F.normalize(q, dim=1) if normalise_q else q
+        if enqueue_first:
+            ptr = enqueue(queue, ptr, k)
+        negatives = queue.clone().detach() if clone_queue else queue
+        l_pos, l_neg = (q * k).sum(dim=1, keepdim=True), q @ negatives
+        logits = divide(torch.cat([l_pos, l_neg] if pos_first else [l_neg, l_pos], dim=1), T)
+        if not enqueue_first:
+            ptr = enqueue(queue, ptr, k)
+        return logits, labels(q.shape[0]), ptr
+    return moco_step
+
+
+STEP_MISTAKES = {
+    "positive_not_first": _step(pos_first=False),
+    "temperature_twice": _step(divide=lambda logits, T: logits / T / T),
+    "not_normalised": _step(normalise_q=False),
+    "key_not_detached": _step(detach_keys=False, momentum=lambda k, q, m: mocolab.momentum_update(k, q, m)),
+    "keys_before_momentum": _step(keys="before"),
+    "keys_from_query_encoder": _step(key_encoder="q"),
+    "enqueue_before_logits": _step(enqueue_first=True),
+    "queue_not_cloned": _step(clone_queue=False),
+    "momentum_reversed": _step(momentum=_momentum_reversed),
+    "query_updated": _step(momentum=lambda k, q, m: sol.momentum_update(q, k, m)),
+    "not_in_place": _step(momentum=_momentum_new_tensors),
+    "momentum_not_no_grad": _step(momentum=lambda k, q, m: _momentum_recorded(k, q, m)),
+    "momentum_missing": _step(momentum=lambda k, q, m: None),
+    "pointer_not_wrapping": _step(enqueue=_enqueue_slice),
+    "queries_without_grad": _step(q_grad=False),
+    "labels_not_zero": _step(labels=lambda n: torch.arange(n)),
+}
+
+
+@pytest.mark.parametrize("mistake", list(STEP_MISTAKES))
+def test_moco_step_mistakes(mistake):
+    _fails_with("moco_step", STEP_MISTAKES[mistake], mistake)
+
+
+# ----------------------------------------------------------------------------- the library's output, fed the wrong inputs
+def _random_queue_like(queue):
+    return F.normalize(torch.randn_like(queue), dim=0)
+
+
+WRONG_INPUTS = {
+    "margin_loss": [lambda x1, x2, y, m: mocolab.margin_contrastive_loss(x1, x2, torch.ones_like(y), margin=m),
+                    lambda x1, x2, y, m: mocolab.margin_contrastive_loss(x1, x1.roll(1, 0), y, margin=m)],
+    "infonce": [lambda q, k, queue, T: exercises._lib_infonce(q, k, _random_queue_like(queue), T),  # ignores the queue
+                lambda q, k, queue, T: exercises._lib_infonce(q, q, queue, T),  # ignores k
+                lambda q, k, queue, T: exercises._lib_infonce(q, k, queue, 0.07)],  # ignores T
+    "chance_loss": [lambda K: math.log(1024 + 1)],
+    "bank_update": [lambda memory, index, features, m: exercises._lib_bank_update(memory, index, features, 0.5),
+                    lambda memory, index, features, m: exercises._lib_bank_update(
+                        memory, torch.arange(len(index)), features, m)],
+    "enqueue": [lambda queue, ptr, keys: exercises._lib_enqueue(queue, 0, keys),
+                lambda queue, ptr, keys: exercises._lib_enqueue(queue, ptr, keys[:1].expand_as(keys))],
+    "momentum_update": [lambda encoder_k, encoder_q, m: mocolab.momentum_update(encoder_k, encoder_q, 0.999),
+                        lambda encoder_k, encoder_q, m: mocolab.momentum_update(encoder_q, encoder_k, m)],
+    "shuffled_keys": [lambda encoder_k, im_k: exercises._lib_shuffled_keys(encoder_k, im_k.flip(0)),
+                      lambda encoder_k, im_k: exercises._lib_shuffled_keys(encoder_k, im_k)[torch.randperm(len(im_k))]],
+    "moco_step": [
+        # ignores the queue: negatives from a fresh random queue
+        lambda eq, ek, queue, ptr, im_q, im_k, m, T: exercises._lib_moco_step(
+            eq, ek, _random_queue_like(queue), ptr, im_q, im_k, m, T)[:2] + (exercises._lib_enqueue(
+                queue, ptr, exercises._lib_shuffled_keys(ek, im_k)),),
+        # ignores the pointer: always enqueues at column 0
+        lambda eq, ek, queue, ptr, im_q, im_k, m, T: exercises._lib_moco_step(eq, ek, queue, 0, im_q, im_k, m, T),
+        # ignores m: the official 0.999
+        lambda eq, ek, queue, ptr, im_q, im_k, m, T: exercises._lib_moco_step(eq, ek, queue, ptr, im_q, im_k, 0.999, T),
+        # swaps the views
+        lambda eq, ek, queue, ptr, im_q, im_k, m, T: exercises._lib_moco_step(eq, ek, queue, ptr, im_k, im_q, m, T),
+    ],
+}
+
+
+@pytest.mark.parametrize("name,index", [(n, i) for n, fns in WRONG_INPUTS.items() for i in range(len(fns))])
+def test_library_output_for_the_wrong_inputs_never_passes(name, index):
+    result = run_check(name, WRONG_INPUTS[name][index])
+    assert result.status == "failed", str(result)
+
+
+@pytest.mark.parametrize("name", list(EXERCISES))
+@pytest.mark.parametrize("answer", [lambda *a: None, lambda *a: "nonsense", lambda *a: 1 / 0])
+def test_any_answer_gives_a_verdict_and_never_raises(name, answer):
+    result = run_check(name, answer)
+    assert result.status == "failed" and result.hint, str(result)
+
+
+def test_garbage_instead_of_a_function():
+    result = run_check("enqueue", 3)
+    assert result.status == "failed" and "enqueue(queue, ptr, keys)" in result.hint
+
+
+# ----------------------------------------------------------------------------- check(): the notebook's entry point
+def _stub(*args):
+    raise NotImplementedError
+
+
+def test_stub_falls_back_to_the_library_and_says_so_headless(capsys):
+    fn = check("enqueue", _stub)
+    assert fn is EXERCISES["enqueue"].library
+    out = capsys.readouterr().out
+    assert "not written yet" in out and "Headless run" in out and "mocolab.KeyQueue.enqueue" in out
+
+
+def test_stub_in_jupyter_asks_for_the_code(capsys, monkeypatch):
+    monkeypatch.setenv("MOCOLAB_HEADLESS", "0")
+    result = run_check("moco_step", _stub)
+    result.fallback, result.headless = "mocolab.MoCo", False
+    text = str(result)
+    assert text.startswith("…") and "Replace `raise NotImplementedError`" in text and "continues" in text
+    assert "<pre" in result._repr_html_()
+
+
+def test_a_wrong_function_falls_back_to_the_library(capsys):
+    fn = check("momentum_update", _momentum_reversed)
+    assert fn is mocolab.momentum_update
+    out = capsys.readouterr().out
+    assert out.startswith("✗") and MISTAKES["momentum_reversed"] in out and "continues with" in out
+
+
+def test_a_right_function_is_returned(capsys):
+    assert check("chance_loss", sol.chance_loss) is sol.chance_loss
+    assert capsys.readouterr().out.startswith("✓")
+
+
+def test_unknown_exercise():
+    with pytest.raises(ValueError, match="no exercise named"):
+        check("nope", sol.enqueue)
+
+
+def test_checks_leave_the_random_state_alone():
+    state = torch.get_rng_state()
+    for name in EXERCISES:
+        run_check(name, getattr(sol, name))
+    exercises._lib_enqueue(torch.zeros(2, 4), 0, torch.ones(3, 2))
+    exercises._lib_bank_update(F.normalize(torch.ones(4, 2), dim=1), torch.tensor([1]), torch.ones(1, 2), 0.5)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_the_tour_and_the_notebook_tests_run_headless():
+    from test_notebooks import KERNEL_ENV
+
+    assert KERNEL_ENV["MOCOLAB_HEADLESS"] == "1"
+    assert 'os.environ.setdefault("MOCOLAB_HEADLESS", "1")' in (REPO / "tools" / "tour.py").read_text()
+
+
+def test_jupyter_shows_the_block_as_text_and_html():
+    from IPython.lib.pretty import pretty
+
+    result = run_check("chance_loss", sol.chance_loss)
+    assert pretty(result) == str(result)
+    assert "✓" in result._repr_html_() and "#2e7d32" in result._repr_html_()
+
+
+def test_headless_detection(monkeypatch):
+    monkeypatch.setenv("MOCOLAB_HEADLESS", "1")
+    assert exercises.is_headless()
+    monkeypatch.setenv("MOCOLAB_HEADLESS", "0")
+    assert not exercises.is_headless()
+    monkeypatch.delenv("MOCOLAB_HEADLESS")
+    assert exercises.is_headless()  # no Jupyter kernel in a test
+
+
+# ----------------------------------------------------------------------------- the widget exercise
+def test_temperature_for_mass():
+    sims = mocolab.widgets.default_similarities(16, 0)
+    for mass in (0.5, 0.2, 0.9):
+        T = exercises.temperature_for_mass(sims, mass)
+        assert mocolab.widgets.temperature_softmax(sims, T)["probs"][0] == pytest.approx(mass, abs=1e-6)
+    with pytest.raises(ValueError, match="most similar"):
+        exercises.temperature_for_mass([0.1, 0.5, 0.2])
+    with pytest.raises(ValueError, match="mass"):
+        exercises.temperature_for_mass(sims, 0.01)
+
+
+def test_half_mass_headless_prints_the_check(capsys):
+    assert exercises.half_mass_temperature(0.1) is None
+    out = capsys.readouterr().out
+    answer = exercises.temperature_for_mass(mocolab.widgets.default_similarities(16, 0))
+    assert f"T = {answer:.3g}" in out and "Your prediction, T = 0.1" in out
+    exercises.half_mass_temperature(None)
+    assert "no prediction" in capsys.readouterr().out
+
+
+def test_half_mass_widget_confirms_when_the_slider_reaches_it(monkeypatch):
+    monkeypatch.setenv("MOCOLAB_HEADLESS", "0")
+    box = exercises.half_mass_temperature(1.0)
+    slider = box.controls["T"]
+    text = lambda: box.output.outputs[0]["text"]  # noqa: E731
+    assert "raise T" not in text() and "lower T" in text()  # at T = 1 the positive has far less than half
+    answer = exercises.temperature_for_mass(mocolab.widgets.default_similarities(16, 0))
+    slider.value = answer
+    assert text().startswith("✓") and "Your prediction, T = 1" in text()
+    slider.value = answer / 4
+    assert "raise T" in text()
+
+
+# ----------------------------------------------------------------------------- make solutions, and the notebooks
+def test_main_passes_the_solutions_and_fails_a_wrong_file(tmp_path, capsys):
+    assert exercises.main([str(SOLUTIONS_PATH)]) == 0
+    assert f"{len(EXERCISES)} of {len(EXERCISES)} exercises pass" in capsys.readouterr().out
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("import math\n\ndef chance_loss(K):\n    return math.log(K)\n")
+    assert exercises.main([str(wrong), "--only", "chance_loss", "--only", "enqueue"]) == 1
+    out = capsys.readouterr().out
+    assert MISTAKES["chance_forgot_positive"] in out and "defines no function enqueue" in out
+
+
+def test_make_solutions_runs_the_checkers(tmp_path):
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("GNU make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\n")
+    (venv / ".mocolab-setup.stamp").touch()
+    plan = subprocess.run(["make", "-n", "solutions", f"VENV={venv}"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout
+    assert f"{venv}/bin/python -m mocolab.exercises notebooks/solutions/solutions.py" in plan
+    help_text = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "make solutions" in help_text
+
+
+NOTEBOOK_OF = {"01": "01_margin_contrastive_loss", "02": "02_npair_and_infonce", "03": "03_memory_bank",
+               "04": "04_queue_without_momentum", "05": "05_momentum_encoder", "06": "06_shuffle_bn",
+               "07": "07_moco_full"}
+
+
+@pytest.mark.parametrize("name", list(EXERCISES))
+def test_notebook_cell_has_the_stub_and_the_check(name):
+    source = (REPO / "notebooks" / f"{NOTEBOOK_OF[EXERCISES[name].notebook]}.py").read_text()
+    cells = source.split("# %%")
+    cell = next((c for c in cells if f'exercises.check("{name}"' in c), None)
+    assert cell is not None, f"no cell calls exercises.check({name!r})"
+    assert re.search(rf"def {name}\(", cell) and "raise NotImplementedError" in cell
+
+
+def test_notebook_02_has_the_widget_exercise():
+    source = (REPO / "notebooks" / "02_npair_and_infonce.py").read_text()
+    assert "exercises.half_mass_temperature(" in source
+
+
+def test_readme_marks_the_exercises():
+    readme = (REPO / "README.md").read_text()
+    assert "make solutions" in readme
+    for stem in NOTEBOOK_OF.values():
+        row = next(line for line in readme.splitlines() if line.startswith(f"| [`{stem}`]"))
+        assert "✎" in row, row
