@@ -22,19 +22,28 @@ leaves the previous checkpoint intact.
 as a torchvision-style state dict; :func:`load_moco_checkpoint_into_resnet`
 reads a checkpoint of the official facebookresearch/moco code (``module.encoder_q.*``
 keys) into a torchvision ResNet, as the official ``main_lincls.py`` does.
+:func:`load_official_moco` loads a whole official MoCo state dict (both encoders and
+the queue) into :class:`~mocolab.moco.MoCo`, and :func:`export_official_moco` writes one.
+
+A run directory (``mocolab pretrain --out DIR``) is held by one writer at a time:
+:func:`lock_run_dir` takes an exclusive lock on ``DIR/.lock`` for the run's life, and
+:func:`remove_orphan_temporaries` clears what killed saves left behind.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "export_backbone",
-           "load_moco_checkpoint_into_resnet", "clean_state_dict", "FORMAT"]
+__all__ = ["CheckpointError", "RunDirectoryError", "save_checkpoint", "load_checkpoint", "export_backbone",
+           "load_moco_checkpoint_into_resnet", "load_official_moco", "export_official_moco", "clean_state_dict",
+           "lock_run_dir", "remove_orphan_temporaries", "FORMAT"]
 
 #: The value of ``state["format"]`` in every mocolab training checkpoint.
 FORMAT = "mocolab-checkpoint-v1"
@@ -43,6 +52,10 @@ _REQUIRED = ("model", "optimizer", "epoch", "step", "rng", "history")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, corrupt, truncated or of the wrong kind."""
+
+
+class RunDirectoryError(CheckpointError):
+    """A run directory cannot be written, or another process is writing it."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
@@ -80,15 +93,115 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     return path
 
 
+def remove_orphan_temporaries(directory: str | os.PathLike,
+                              names: tuple[str, ...] = ("checkpoint.pt", "metrics.json")) -> list[Path]:
+    """Delete the temporary files that killed saves of ``names`` left in ``directory`` (``.NAME.*.tmp``).
+
+    Call it only while no save runs in the directory (``mocolab pretrain`` does so holding
+    :func:`lock_run_dir`). Returns the files removed.
+    """
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for pattern in [f".{name}.*tmp" for name in names] + [".write-test.*.tmp"]:
+        for tmp in directory.glob(pattern):
+            try:
+                if tmp.is_file():
+                    tmp.unlink()
+                    removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _lock_holder(lock_path: Path) -> str:
+    try:
+        text = lock_path.read_text().strip()
+    except OSError:
+        return "another process"
+    return f"process {text.split()[0]}" if text else "another process"
+
+
+@contextlib.contextmanager
+def lock_run_dir(directory: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the run directory ``directory`` (created if missing) while the block runs.
+
+    The lock is ``flock`` on ``DIR/.lock`` (which holds the owner's pid): it is released when the
+    block ends or the process dies, so a stale file never blocks a later run. Taking the lock also
+    proves that the directory can be written.
+
+    Raises:
+        RunDirectoryError: ``directory`` is a file or cannot be written, or another process (or another
+            run in this process) holds the lock; the message names the directory and the other pid.
+    """
+    directory = Path(directory)
+    what = f"run directory {directory}"
+    if directory.exists() and not directory.is_dir():
+        raise RunDirectoryError(f"{what} is a file, not a directory; choose another --out")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock_path = directory / ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except (FileExistsError, NotADirectoryError):
+        raise RunDirectoryError(f"cannot create {what}: a part of the path is a file; choose another --out") from None
+    except OSError as err:
+        raise RunDirectoryError(f"cannot write to {what} ({err.strerror or err}); choose a writable --out") from None
+    try:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, the run goes on unguarded
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunDirectoryError(f"{what} is in use by {_lock_holder(lock_path)}, which is writing it; wait "
+                                        f"for that run to end, or choose another --out") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            probe_fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=directory)
+            os.close(probe_fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise RunDirectoryError(f"cannot write to {what} ({err.strerror or err}); "
+                                    f"choose a writable --out") from None
+        yield directory
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _weights_only_reason(text: str) -> str | None:
+    """What ``torch.load(weights_only=True)`` refused (e.g. "Unsupported global: GLOBAL fractions.Fraction"),
+    or None when the error is not a refusal of the weights-only unpickler."""
+    if "WeightsUnpickler error:" not in text and not text.startswith("Weights only load failed"):
+        return None
+    detail = " ".join(text.split("WeightsUnpickler error:", 1)[-1].split())  # torch's own words, on one line
+    for tail in (" Please use `torch.serialization", " Check the documentation of torch.load"):
+        detail = detail.split(tail, 1)[0]
+    return detail.strip().rstrip(".") or "an object outside the allowed plain types"
+
+
 def _read(path: Path, map_location) -> Any:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, random bytes, pickled objects outside the allow-list, ...
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt, truncated or not a "
-                              f"PyTorch checkpoint of plain tensors ({type(err).__name__}: {reason})") from None
+        text = str(err).strip()
+        refused = _weights_only_reason(text)
+        if refused is not None:
+            raise CheckpointError(
+                f"{path} is not a plain-tensor checkpoint: torch.load(weights_only=True) refused it ({refused}). "
+                f"mocolab does not load it: unpickling it fully could run arbitrary code. If the file is corrupt, "
+                f"use an intact copy; if it comes from other code, save only its tensors and plain values "
+                f"(e.g. its state_dict)") from None
+        first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".") if text else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt or truncated "
+                              f"({type(err).__name__}: {first})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -221,3 +334,104 @@ def load_moco_checkpoint_into_resnet(path: str | os.PathLike, arch: str = "resne
         nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
         nn.init.zeros_(model.fc.bias)
     return model
+
+
+#: The buffers of :class:`~mocolab.queue.KeyQueue` that the official MoCo builder does not have.
+_MOCOLAB_QUEUE_EXTRAS = ("queue_filled", "queue_index", "queue_step", "queue_count")
+
+
+def _official_state(source) -> tuple[dict[str, torch.Tensor], str]:
+    """A MoCo state dict (wrappers stripped) and a name for messages, from a path, checkpoint dict or state dict."""
+    if isinstance(source, (str, os.PathLike)):
+        where = str(source)
+        raw = _read(Path(source), "cpu")
+    elif isinstance(source, Mapping):
+        where, raw = "the state dict", source
+    else:
+        raise TypeError(f"expected a checkpoint path or a state dict, got {type(source).__name__}")
+    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+        raw = raw["state_dict"]  # main_moco.py's checkpoint: {"epoch", "arch", "state_dict", "optimizer"}
+    elif isinstance(raw, Mapping) and raw.get("format") == FORMAT:
+        raw = raw["model"]
+    if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{where} holds no MoCo state dict (expected a dict of tensors, or a dict with "
+                              f"'state_dict')")
+    return clean_state_dict(raw), where
+
+
+def load_official_moco(model: nn.Module, source) -> nn.Module:
+    """Load a whole official MoCo state dict (facebookresearch/moco ``builder.MoCo``) into ``model``, strictly.
+
+    The official state dict holds ``encoder_q.*``, ``encoder_k.*``, ``queue`` (C, K) and ``queue_ptr``;
+    its checkpoint files wrap it as ``{"state_dict": {"module.encoder_q...": ...}}`` (``module.`` is
+    stripped). The four queue buffers that mocolab adds are filled as for a full queue of keys of unknown
+    origin: ``queue_filled = K`` (the official queue starts full of random keys), ``queue_index = -1``
+    (dataset index unknown), ``queue_step = -1`` and ``queue_count = 0`` (age unknown). A mocolab state
+    dict (with those buffers) loads as it is. Files are read with ``weights_only=True``.
+
+    Args:
+        model: a :class:`~mocolab.moco.MoCo` built with the official run's encoder, ``dim``, ``K`` and head.
+        source: a checkpoint path, a loaded checkpoint dict, or the state dict itself.
+
+    Returns:
+        ``model``, loaded.
+
+    Raises:
+        CheckpointError: an unreadable file, no MoCo state dict, a queue of another size, or keys and
+            shapes that do not match the model (the message lists them).
+    """
+    sd, where = _official_state(source)
+    if "queue" not in sd or "queue_ptr" not in sd:
+        raise CheckpointError(f"{where} is not a MoCo state dict: it has no 'queue' and 'queue_ptr' "
+                              f"(keys: {sorted(sd)[:6]}...)")
+    queue = sd["queue"]
+    K, dim = int(getattr(model, "K", queue.shape[-1])), model.queue.shape[0]
+    if queue.dim() != 2 or tuple(queue.shape) != (dim, K):
+        raise CheckpointError(f"{where} holds a queue of shape {tuple(queue.shape)} (dim C, K), this model's is "
+                              f"({dim}, {K}); build MoCo with dim={queue.shape[0]}, K={queue.shape[-1]}")
+    device = model.queue.device
+    fill = {"queue_filled": torch.full((1,), K, dtype=torch.long),
+            "queue_index": torch.full((K,), -1, dtype=torch.long),
+            "queue_step": torch.full((K,), -1, dtype=torch.long),
+            "queue_count": torch.zeros(1, dtype=torch.long)}
+    own = model.state_dict()
+    for key, value in fill.items():
+        if key in own and key not in sd:
+            sd[key] = value.to(device)
+    sd["queue_ptr"] = sd["queue_ptr"].reshape(-1)[:1].to(torch.long) % K
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as err:  # shapes differ
+        lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+        raise CheckpointError(f"{where} does not match this MoCo model: {len(lines)} tensors have other shapes "
+                              f"({lines[0] if lines else str(err).splitlines()[0]}); are the encoder, dim and "
+                              f"head (mlp) those of the official run?") from None
+    if result.missing_keys or result.unexpected_keys:
+        missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+        raise CheckpointError(f"{where} does not match this MoCo model: missing keys {missing[:8]}"
+                              f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                              f"{'...' if len(unexpected) > 8 else ''}; are the encoder and head (mlp) those of "
+                              f"the official run?")
+    return model
+
+
+def export_official_moco(model: nn.Module, path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of ``model`` with exactly the official MoCo keys: ``encoder_q.*``, ``encoder_k.*``, ``queue``,
+    ``queue_ptr`` (mocolab's extra queue buffers are left out), as CPU tensors.
+
+    Args:
+        model: a :class:`~mocolab.moco.MoCo` model.
+        path: if given, also write a file in the layout of the official ``main_moco.py`` checkpoints,
+            ``{"state_dict": {"module.encoder_q...": ...}}``, which the official ``main_lincls.py`` reads.
+
+    Returns:
+        the state dict, without the ``module.`` prefix.
+    """
+    sd = clean_state_dict(model.state_dict())
+    out = {k: v.detach().cpu().clone() for k, v in sd.items()
+           if k.startswith(("encoder_q.", "encoder_k.")) or k in ("queue", "queue_ptr")}
+    if "queue" not in out or not any(k.startswith("encoder_q.") for k in out):
+        raise CheckpointError(f"{type(model).__name__} is not a MoCo model (it has no encoder_q and queue)")
+    if path is not None:
+        save_checkpoint(path, {"state_dict": {f"module.{k}": v for k, v in out.items()}})
+    return out

@@ -11,11 +11,12 @@ Examples::
 Settings are layered: the preset's values, then what ``--version`` changes (v1: linear head, v1
 augmentation, T 0.07, step schedule; v2: MLP head, v2 augmentation, T 0.2, cosine), then the
 options given. The run directory ``--out`` receives ``metrics.json`` and ``checkpoint.pt``
-(rewritten atomically after every epoch).
+(rewritten atomically every ``--save-every`` epochs or 10 minutes, at the end and on Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -39,6 +40,23 @@ def _nonneg_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 
@@ -71,19 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--arch", choices=list(ENCODERS), help="encoder (default: the preset's)")
     model.add_argument("--dim", type=_positive_int, help=f"feature dimension C (default {DEFAULTS['dim']})")
     model.add_argument("--K", type=_positive_int, help="queue size")
-    model.add_argument("--m", type=float, help="key-encoder momentum in [0, 1]")
-    model.add_argument("--T", type=float, help="softmax temperature > 0")
+    model.add_argument("--m", type=_finite_float, help="key-encoder momentum in [0, 1]")
+    model.add_argument("--T", type=_finite_float, help="softmax temperature > 0")
     model.add_argument("--shuffle-bn", choices=list(SHUFFLE_BN_MODES), help="how to shuffle BN (split: SplitBatchNorm "
                        "on one device; ddp: across processes)")
     model.add_argument("--bn-splits", type=_positive_int, help="SplitBatchNorm groups")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=_positive_int)
     opt.add_argument("--batch-size", type=_positive_int, help="global batch size (over all processes)")
-    opt.add_argument("--lr", type=float, help="SGD learning rate")
-    opt.add_argument("--weight-decay", type=float)
+    opt.add_argument("--lr", type=_finite_float, help="SGD learning rate")
+    opt.add_argument("--weight-decay", type=_nonneg_float, help="SGD weight decay >= 0")
     opt.add_argument("--schedule", choices=["cosine", "step", "constant"])
     opt.add_argument("--knn-every", type=_nonneg_int, help="kNN monitor every N epochs (0: only at the end)")
-    opt.add_argument("--seed", type=int)
+    opt.add_argument("--seed", type=_nonneg_int, help="random seed, an integer >= 0")
     run = p.add_argument_group("run")
     run.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     run.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
@@ -91,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bf16 autocast (default: on for CUDA)")
     run.add_argument("--compile", action="store_true", default=None, help="torch.compile the encoders")
     run.add_argument("--out", help="run directory for metrics.json and checkpoint.pt")
+    run.add_argument("--save-every", type=_nonneg_int, metavar="N",
+                     help=f"write OUT/checkpoint.pt every N epochs (0: only at the end; default "
+                          f"{DEFAULTS['save_every']}), also every {DEFAULTS['save_every_seconds'] // 60} minutes, "
+                          f"at the end and on Ctrl-C")
     run.add_argument("--resume", action="store_true", default=None, help="continue from OUT/checkpoint.pt")
     run.add_argument("--overwrite", action="store_true", default=None,
                      help="start afresh even if OUT/checkpoint.pt exists")
@@ -104,7 +126,7 @@ _KEYS = {"symmetric": "symmetric", "data": "data", "data_root": "data_root", "do
          "shuffle_bn": "shuffle_bn", "bn_splits": "bn_splits", "epochs": "epochs", "batch_size": "batch_size",
          "lr": "lr", "weight_decay": "weight_decay", "schedule": "schedule", "knn_every": "knn_every",
          "seed": "seed", "device": "device", "channels_last": "channels_last", "amp": "amp", "compile": "compile",
-         "out": "out", "resume": "resume", "overwrite": "overwrite"}
+         "out": "out", "resume": "resume", "overwrite": "overwrite", "save_every": "save_every"}
 
 
 def main(argv: list[str] | None = None) -> int:

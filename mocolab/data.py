@@ -548,6 +548,7 @@ def _torchvision_dataset(kind: str, split: str, root: Path, download: bool, tran
 
 _CACHE_MAX_BYTES = 512 * 2**20  # small ImageFolders (like cifar10-small) stay decoded in memory
 _IMAGEFOLDER_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+_IMAGEFOLDER_SKIPPED: dict[tuple, tuple[list[tuple[str, str]], int] | None] = {}  # what each cached load skipped
 
 
 _IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -570,28 +571,70 @@ def _scan_imagefolder(path: Path) -> tuple[list[str], list[int], list[str]]:
     return samples, targets, classes
 
 
+def _decode_image(file: str) -> torch.Tensor:
+    """One image file as a uint8 (3, H, W) tensor; raises what PIL raises for a broken file."""
+    from PIL import Image
+
+    with Image.open(file) as pil:
+        return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def _decode_failure(file: str, err: Exception) -> str:
+    """Why ``file`` could not be decoded, in a few words."""
+    if os.path.isfile(file) and os.path.getsize(file) == 0:
+        return "empty file"
+    if type(err).__name__ == "UnidentifiedImageError":
+        return "not an image format PIL can read"
+    return str(err).strip() or type(err).__name__
+
+
+def _warn_skipped(path: Path, skipped: list[tuple[str, str]], total: int) -> None:
+    import warnings
+
+    shown = "; ".join(f"{file} ({reason})" for file, reason in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    warnings.warn(f"skipped {len(skipped)} of {total} image files in {path} that cannot be decoded "
+                  f"(empty, corrupt or truncated): {shown}{more}", UserWarning, stacklevel=4)
+
+
 def _load_imagefolder(path: Path, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Decode every image of an ImageFolder into one uint8 tensor (cached in memory by path)."""
+    """Decode every image of an ImageFolder into one uint8 tensor (cached in memory by path).
+
+    A file that cannot be decoded (empty, not an image, truncated) is skipped with a warning that
+    names it and counts the skipped files; if no file can be decoded, a ``ValueError`` names one.
+    """
     key = (str(path.resolve()), image_size)
     if key in _IMAGEFOLDER_CACHE:  # a copy, so that callers may modify what they get
         images, labels, classes = _IMAGEFOLDER_CACHE[key]
+        skipped = _IMAGEFOLDER_SKIPPED.get(key)
+        if skipped:
+            _warn_skipped(path, *skipped)
         return images.clone(), labels.clone(), list(classes)
-    from PIL import Image
 
     samples, targets, classes = _scan_imagefolder(path)
-    images = []
-    for file in samples:
-        with Image.open(file) as pil:
-            img = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
+    images, kept, skipped = [], [], []
+    for file, target in zip(samples, targets):
+        try:
+            img = _decode_image(file)
+        except Exception as err:  # PIL: UnidentifiedImageError, "image file is truncated", SyntaxError, ...
+            skipped.append((file, _decode_failure(file, err)))
+            continue
         if image_size is not None and tuple(img.shape[1:]) != (image_size, image_size):
             img = _resize_center_crop(img, image_size)
         images.append(img)
+        kept.append(target)
+    if not images:
+        file, reason = skipped[0]
+        raise ValueError(f"none of the {len(samples)} image files in {path} can be decoded, e.g. {file} ({reason})")
+    if skipped:
+        _warn_skipped(path, skipped, len(samples))
     sizes = {tuple(im.shape) for im in images}
     if len(sizes) > 1:
         raise ValueError(f"images in {path} have different sizes {sorted(sizes)[:3]}...; pass image_size=")
-    out = (torch.stack(images), torch.tensor(targets, dtype=torch.long), classes)
+    out = (torch.stack(images), torch.tensor(kept, dtype=torch.long), classes)
     if out[0].numel() <= _CACHE_MAX_BYTES:
         _IMAGEFOLDER_CACHE[key] = (out[0].clone(), out[1].clone(), list(classes))
+        _IMAGEFOLDER_SKIPPED[key] = (skipped, len(samples)) if skipped else None
     return out
 
 
@@ -805,6 +848,7 @@ def moco_v2_transform(image_size: int = 32, mean=None, std=None, blur: bool | No
 # ----------------------------------------------------------------------------------------------
 
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and torchvision
+_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0])  # n of R, G, B in the hue rotation (see _adjust_hue)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -812,14 +856,15 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (x[:, 0:1] * _GRAY[0] + x[:, 1:2] * _GRAY[1] + x[:, 2:3] * _GRAY[2])
 
 
-def _adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+def _adjust_hue(x: torch.Tensor, hue: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate the HSV hue of each image by hue[i] (a fraction of a turn), keeping S and V.
 
     Same result as torchvision's ``adjust_hue`` (RGB -> HSV -> RGB), fused: with
     V = max, C = max - min (so V S = C) and H in sixths of a turn, channel n in
     (5, 3, 1) for (R, G, B) is V - C clamp(min(k, 4 - k), 0, 1), k = (n + H) mod 6.
 
-    Shape: x (N, 3, H, W) in [0, 1], hue (N,) -> (N, 3, H, W).
+    Shape: x (N, 3, H, W) in [0, 1], hue (N,) -> (N, 3, H, W); ``offsets``: the (1, 3, 1, 1)
+    tensor of n (built here when not given: pass it to avoid a host-to-device copy per call).
     """
     r, g, b = x.unbind(1)
     maxc, _ = x.max(dim=1)
@@ -828,8 +873,8 @@ def _adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     d = torch.where(cr == 0, torch.ones_like(cr), cr)
     h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
     h = h + 6.0 * hue.view(-1, 1, 1)  # hue in sixths of a turn
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    k = torch.remainder(n + h[:, None], 6.0)  # (N, 3, H, W)
+    n = _HUE_OFFSETS.to(x.device).view(1, 3, 1, 1) if offsets is None else offsets
+    k = torch.remainder(n.to(x.dtype) + h[:, None], 6.0)  # (N, 3, H, W)
     return maxc[:, None] - cr[:, None] * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
@@ -852,6 +897,10 @@ class BatchAugment(nn.Module):
     Differences to torchvision: crop boxes are continuous rather than whole
     pixels, resampling is bilinear without antialiasing, and the four jitter
     operations run in a fixed order unless ``random_order=True``.
+
+    A call reads no value on the host (no device -> host sync): every operation runs on
+    the whole batch, and images it does not apply to get the identity (factor 1, hue 0,
+    sigma 0). Only operations switched off in the configuration (probability 0) are skipped.
 
     Args:
         image_size: output side S.
@@ -928,8 +977,13 @@ class BatchAugment(nn.Module):
         self.p_jitter, self.p_gray, self.p_blur = cfg["p_jitter"], cfg["p_gray"], cfg["p_blur"]
         self.gray_first = cfg["gray_first"]
         self.sigma, self.random_order, self.channels_last = tuple(sigma), random_order, channels_last
-        self.register_buffer("mean", torch.tensor(mean or m, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std or sd, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self._mean_list, self._std_list = [float(v) for v in (mean or m)], [float(v) for v in (std or sd)]
+        for name, values in (("mean", self._mean_list), ("std", self._std_list)):
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # constants of the operations, built once (a tensor made from a list per call is a host-to-device copy)
+        self.register_buffer("hue_offsets", _HUE_OFFSETS.view(1, 3, 1, 1).clone(), persistent=False)
+        radius = math.ceil(3 * self.sigma[1])
+        self.register_buffer("blur_taps", torch.arange(-radius, radius + 1, dtype=torch.float32), persistent=False)
 
     def extra_repr(self) -> str:
         return (
@@ -999,23 +1053,30 @@ class BatchAugment(nn.Module):
             box=torch.stack((x0, y0, w, h), dim=1), flip=flip, jitter=apply, brightness=bf, contrast=cf,
             saturation=sf, hue=hf, order=order, gray=gray, sigma=sigma,
         )  # fmt: skip
-        return {key: value.to(out_device) for key, value in params.items()}
+        dev = torch.device(dev)
+        if dev.type == out_device.type and None in (dev.index, out_device.index) or dev == out_device:
+            return params
+        if n == 0:
+            return {key: value.to(out_device) for key, value in params.items()}
+        # drawn on another device (a CPU generator for GPU images): one copy for all, not one per tensor
+        cols = [v.reshape(n, -1) for v in params.values()]
+        packed = torch.cat([c.to(x0.dtype) for c in cols], dim=1).to(out_device)  # exact: small ints and bools
+        parts = packed.split([c.shape[1] for c in cols], dim=1)
+        return {key: part.to(v.dtype).view(v.shape) for (key, v), part in zip(params.items(), parts)}
 
     # -- the operations ---------------------------------------------------------------------------
     def _crop_flip(self, x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         n, _, height, width = x.shape
         x0, y0, w, h = box.unbind(1)
         sx = w / width * torch.where(flip, -1.0, 1.0).to(x.dtype)
-        theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
-        theta[:, 0, 0] = sx
-        theta[:, 0, 2] = (2 * x0 + w) / width - 1
-        theta[:, 1, 1] = h / height
-        theta[:, 1, 2] = (2 * y0 + h) / height - 1
+        zero = torch.zeros_like(sx)
+        theta = torch.stack((sx, zero, (2 * x0 + w) / width - 1, zero, h / height, (2 * y0 + h) / height - 1), dim=1)
+        theta = theta.view(n, 2, 3).to(x.dtype)
         grid = F.affine_grid(theta, [n, 3, self.image_size, self.image_size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (N, 3, S, S)
 
     @staticmethod
-    def _jitter_op(x: torch.Tensor, op: int, p: dict) -> torch.Tensor:
+    def _jitter_op(x: torch.Tensor, op: int, p: dict, hue_offsets: torch.Tensor | None = None) -> torch.Tensor:
         if op == 0:  # brightness
             return (x * p["brightness"].view(-1, 1, 1, 1)).clamp(0, 1)
         if op == 1:  # contrast: blend with the mean grey level of the image
@@ -1025,40 +1086,36 @@ class BatchAugment(nn.Module):
         if op == 2:  # saturation: blend with the grey image
             f = p["saturation"].view(-1, 1, 1, 1)
             return (f * x + (1 - f) * _gray(x)).clamp(0, 1)
-        hue = p["hue"]  # hue: rotate the hue channel in HSV
-        if not bool((hue != 0).any()):
-            return x
-        return _adjust_hue(x, hue)  # (N, 3, H, W)
+        return _adjust_hue(x, p["hue"], hue_offsets)  # hue: rotate the hue channel in HSV; (N, 3, H, W)
 
     def _color_jitter(self, x: torch.Tensor, p: dict) -> torch.Tensor:
-        if not bool(p["jitter"].any()):
+        ops = [op for op in range(4) if self.jitter[op] > 0]  # strength 0: the identity for every image
+        if self.p_jitter == 0 or not ops:
             return x
         if not self.random_order:
-            for op in range(4):
-                x = self._jitter_op(x, op, p)
+            for op in ops:
+                x = self._jitter_op(x, op, p, self.hue_offsets)
             return x
         for pos in range(4):
             out = x
-            for op in range(4):
+            for op in ops:
                 sel = p["order"][:, pos] == op
-                if bool(sel.any()):
-                    out = torch.where(sel.view(-1, 1, 1, 1), self._jitter_op(x, op, p), out)
+                out = torch.where(sel.view(-1, 1, 1, 1), self._jitter_op(x, op, p, self.hue_offsets), out)
             x = out
         return x
 
-    @staticmethod
-    def _grayscale(x: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:
-        if not bool(gray.any()):
+    def _grayscale(self, x: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:
+        if self.p_gray == 0:
             return x
         return torch.where(gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
 
     def _blur(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        on = sigma > 0
-        if not bool(on.any()):
+        if self.p_blur == 0:
             return x
+        on = sigma > 0
         n, c, hgt, wid = x.shape
-        radius = math.ceil(3 * self.sigma[1])
-        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)  # (k,)
+        radius = (self.blur_taps.numel() - 1) // 2
+        t = self.blur_taps.to(x.dtype)  # (k,)
         s = sigma.clamp(min=1e-3).to(x.dtype)
         kern = torch.exp(-0.5 * (t[None] / s[:, None]) ** 2)
         kern = kern / kern.sum(1, keepdim=True)  # (N, k)
@@ -1098,7 +1155,7 @@ class BatchAugment(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluation transform with this augmentation's statistics: uint8 -> normalised float."""
-        return normalize(images, self.mean.flatten().tolist(), self.std.flatten().tolist())
+        return normalize(images, self._mean_list, self._std_list)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Undo the normalisation, for display: float (N, 3, S, S) -> [0, 1]."""

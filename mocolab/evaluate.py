@@ -8,6 +8,7 @@ similarity), each vote weighted by ``exp(sim / t)`` with t = 0.1.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -25,14 +26,19 @@ __all__ = ["extract_features", "knn_predict", "knn_accuracy", "linear_probe", "e
 def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int = 512,
                      device: torch.device | str | None = None,
                      preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     normalize_features: bool = True) -> torch.Tensor:
-    """Run ``encoder`` in eval mode over a tensor of images and return the features on the CPU.
+                     normalize_features: bool = True, amp: bool = False, channels_last: bool = False,
+                     to_cpu: bool = True) -> torch.Tensor:
+    """Run ``encoder`` in eval mode over a tensor of images and return the features (float32).
 
     Args:
         encoder: any module mapping (B, 3, H, W) to (B, C).
         images: uint8 (N, 3, H, W) (normalised with :func:`mocolab.data.normalize`) or float, already preprocessed.
         preprocess: overrides the default preprocessing of each batch.
         normalize_features: L2-normalise the features (the kNN monitor works on the sphere).
+        amp: run the encoder under bf16 autocast (the features are returned in float32).
+        channels_last: feed the encoder channels_last batches.
+        to_cpu: return the features on the CPU (default); False keeps them on ``device``, with no
+            host sync (the kNN monitor of :func:`mocolab.train.fit`).
 
     Shape:
         (N, 3, H, W) -> (N, C)
@@ -41,8 +47,17 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int =
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device is None:
         device = next(encoder.parameters()).device
-    if preprocess is None and images.dtype == torch.uint8:
-        from .data import normalize as preprocess
+    device = torch.device(device)
+    if preprocess is None and images.dtype == torch.uint8 and (images.dim() != 4 or images.shape[1] != 3):
+        from .data import normalize as preprocess  # which says what is wrong with the images
+    elif preprocess is None and images.dtype == torch.uint8:
+        from .data import normalization_stats
+
+        mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)
+                     for v in normalization_stats(images.shape[-1]))
+
+        def preprocess(x):  # mocolab.data.normalize, with its statistics built once
+            return (x.float() / 255.0 - mean) / std
     was_training = encoder.training
     encoder.eval()
     feats = []
@@ -51,11 +66,15 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int =
             x = images[start:start + batch_size].to(device, non_blocking=True)
             if preprocess is not None:
                 x = preprocess(x)
-            f = encoder(x).float()
-            feats.append((F.normalize(f, dim=1) if normalize_features else f).cpu())
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+                f = encoder(x).float()
+            feats.append(F.normalize(f, dim=1) if normalize_features else f)
     finally:
         encoder.train(was_training)
-    return torch.cat(feats) if feats else torch.empty(0)
+    out = torch.cat(feats) if feats else torch.empty(0)
+    return out.cpu() if to_cpu else out
 
 
 def knn_predict(feature: torch.Tensor, feature_bank: torch.Tensor, feature_labels: torch.Tensor,
@@ -89,29 +108,41 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  chunk: int = 1024) -> float:
     """Top-1 accuracy (in %) of the weighted kNN classifier: train features as the bank, test features as queries.
 
+    Runs on the device of ``train_features`` (the labels and queries are moved there), ``chunk``
+    queries at a time; the correct count stays on the device and is read once at the end.
+
     Shape:
         train_features: (N, C); train_labels: (N,); test_features: (Q, C); test_labels: (Q,).
     """
     if train_features.shape[0] != train_labels.shape[0] or test_features.shape[0] != test_labels.shape[0]:
         raise ValueError("features and labels must have the same number of rows")
+    dev = train_features.device
+    train_labels, test_labels = train_labels.to(dev), test_labels.to(dev)
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     bank = F.normalize(train_features.float(), dim=1).t().contiguous()  # (C, N)
-    test = F.normalize(test_features.float(), dim=1)
-    correct = 0
+    test = F.normalize(test_features.to(dev).float(), dim=1)
+    correct = torch.zeros((), dtype=torch.long, device=dev)
     for s in range(0, test.shape[0], chunk):
         pred = knn_predict(test[s:s + chunk], bank, train_labels, num_classes, k, t)
-        correct += int((pred[:, 0] == test_labels[s:s + chunk]).sum())
-    return 100.0 * correct / max(1, test.shape[0])
+        correct += (pred[:, 0] == test_labels[s:s + chunk]).sum()
+    return 100.0 * int(correct) / max(1, test.shape[0])  # the one host sync
 
 
 def evaluate_knn(encoder: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
                  test_images: torch.Tensor, test_labels: torch.Tensor, k: int = 200, t: float = 0.1,
-                 batch_size: int = 512, preprocess=None) -> float:
-    """Extract features of both splits with ``encoder`` and return the weighted kNN accuracy in %."""
-    ftr = extract_features(encoder, train_images, batch_size, preprocess=preprocess)
-    fte = extract_features(encoder, test_images, batch_size, preprocess=preprocess)
-    return knn_accuracy(ftr, train_labels, fte, test_labels, k=k, t=t)
+                 batch_size: int = 512, preprocess=None, *, amp: bool = False, channels_last: bool = False,
+                 on_device: bool = False, num_classes: int | None = None) -> float:
+    """Extract features of both splits with ``encoder`` and return the weighted kNN accuracy in %.
+
+    ``on_device=True`` keeps the features on the encoder's device and searches there (one host sync
+    in all: the monitor of :func:`mocolab.train.fit`); ``amp`` and ``channels_last`` as in
+    :func:`extract_features`.
+    """
+    kw = dict(preprocess=preprocess, amp=amp, channels_last=channels_last, to_cpu=not on_device)
+    ftr = extract_features(encoder, train_images, batch_size, **kw)
+    fte = extract_features(encoder, test_images, batch_size, **kw)
+    return knn_accuracy(ftr, train_labels, fte, test_labels, k=k, t=t, num_classes=num_classes)
 
 
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,

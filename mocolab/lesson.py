@@ -9,6 +9,7 @@ A notebook starts with ``lesson = Lesson("05_momentum_encoder", OUTPUT_DIR, seed
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from .data import load_images
 from .device import get_device, seed_everything
 from .evaluate import accuracy_noise
 
-__all__ = ["Lesson", "Effect", "EFFECTS", "judge_effects"]
+__all__ = ["Lesson", "Effect", "EFFECTS", "judge_effects", "check_parameters"]
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,57 @@ def judge_effects(name: str, metrics: dict) -> list[dict]:
     return out
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int_or_none(value) -> bool:
+    return value is None or (_is_int(value) and value >= 1)
+
+
+def _rule(name: str):
+    """``(check, what is allowed)`` for a notebook parameter, from its name."""
+    from .data import BatchAugment
+
+    if name.startswith("NUM_") or "_NUM_" in name:
+        return _positive_int_or_none, "a positive integer (a number of images), or None for all"
+    if name == "IMAGE_SIZE":
+        return (lambda v: v is None or (_is_int(v) and v >= 8)), "an integer >= 8 (pixels per side), or None"
+    if name == "AUGMENTATION":
+        return (lambda v: v in BatchAugment.PRESETS), f"one of {', '.join(map(repr, BatchAugment.PRESETS))}"
+    if name in ("EPOCHS", "BATCH_SIZE", "K", "BN_SPLITS", "WIDTH", "DIM"):
+        return (lambda v: _is_int(v) and v >= 1), "a positive integer"
+    if name in ("KNN_EVERY", "SEED"):
+        return (lambda v: _is_int(v) and v >= 0), "an integer >= 0"
+    if name == "T":
+        return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)), \
+            "a finite number > 0"
+    raise TypeError(f"check_parameters has no rule for a parameter called {name!r}")
+
+
+def check_parameters(**params) -> None:
+    """Check a notebook's parameters before anything runs; the error names the parameter the learner set.
+
+    Rules follow the names: ``NUM_*`` a positive integer or None; ``IMAGE_SIZE`` an integer >= 8 or None;
+    ``AUGMENTATION`` a :class:`~mocolab.data.BatchAugment` preset; ``EPOCHS``, ``BATCH_SIZE``, ``K``,
+    ``BN_SPLITS``, ``WIDTH``, ``DIM`` positive integers; ``KNN_EVERY``, ``SEED`` integers >= 0;
+    ``T`` a finite number > 0.
+
+    Example: ``check_parameters(NUM_IMAGES=NUM_IMAGES, AUGMENTATION=AUGMENTATION)``.
+
+    Raises:
+        ValueError: "notebook parameter NUM_IMAGES = 0: expected a positive integer ...".
+    """
+    for name, value in params.items():
+        check, allowed = _rule(name)
+        if not check(value):
+            raise ValueError(f"notebook parameter {name} = {value!r}: expected {allowed}")
+
+
+#: The notebook parameters behind the arguments of :meth:`Lesson.load` (a notebook may name them otherwise).
+LOAD_PARAMETERS = {"dataset": "DATASET", "num_train": "NUM_TRAIN", "num_test": "NUM_TEST", "image_size": "IMAGE_SIZE"}
+
+
 class Lesson:
     """Setup and bookkeeping of one notebook run.
 
@@ -220,10 +272,29 @@ class Lesson:
         """Wall-clock seconds since the lesson started."""
         return time.perf_counter() - self._t0
 
-    def load(self, dataset: str, num_train: int, num_test: int, image_size: int | None = None):
-        """``x_train, y_train, x_test, y_test, classes`` (uint8 images) of ``dataset``; records the sizes."""
-        x_train, y_train, classes = load_images(dataset, "train", limit=num_train, seed=self.seed, image_size=image_size)
-        x_test, y_test, _ = load_images(dataset, "test", limit=num_test, seed=self.seed, image_size=image_size)
+    def load(self, dataset: str, num_train: int | None, num_test: int | None, image_size: int | None = None, *,
+             names: dict[str, str] | None = None):
+        """``x_train, y_train, x_test, y_test, classes`` (uint8 images) of ``dataset``; records the sizes.
+
+        The arguments are checked first; an error names the notebook parameter behind the argument
+        (``NUM_TRAIN``, ``NUM_TEST``, ``IMAGE_SIZE``, ``DATASET``, or what ``names`` maps the argument to,
+        e.g. ``names={"num_train": "NUM_IMAGES"}``).
+
+        Raises:
+            ValueError / FileNotFoundError: a bad size, or a dataset that is unknown or missing.
+        """
+        names = {**LOAD_PARAMETERS, **(names or {})}
+        check_parameters(**{names["num_train"]: num_train, names["num_test"]: num_test})
+        if not (image_size is None or (_is_int(image_size) and image_size >= 8)):
+            raise ValueError(f"notebook parameter {names['image_size']} = {image_size!r}: expected an integer >= 8 "
+                             f"(pixels per side), or None")
+        try:
+            x_train, y_train, classes = load_images(dataset, "train", limit=num_train, seed=self.seed,
+                                                    image_size=image_size)
+            x_test, y_test, _ = load_images(dataset, "test", limit=num_test, seed=self.seed, image_size=image_size)
+        except (ValueError, FileNotFoundError) as err:
+            hint = f" (set {names['image_size']})" if "different sizes" in str(err) else ""
+            raise type(err)(f"notebook parameter {names['dataset']} = {dataset!r}: {err}{hint}") from None
         self.num_train, self.num_test = len(x_train), len(x_test)
         print(f"{dataset}: {self.num_train} train / {self.num_test} test images of {tuple(x_train.shape[1:])}")
         return x_train, y_train, x_test, y_test, classes

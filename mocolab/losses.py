@@ -35,6 +35,13 @@ def check_temperature(T: float, name: str = "T") -> float:
     return T
 
 
+def _check_some_negatives(K: int) -> None:
+    """A softmax over the positive alone is 1 whatever the features: its loss is 0 and teaches nothing."""
+    if K < 1:
+        raise ValueError("there are no negatives (K = 0): with the positive alone the loss is 0 whatever the "
+                         "features; give at least one negative")
+
+
 def margin_contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """Margin contrastive loss of Hadsell, Chopra & LeCun (2006).
 
@@ -45,13 +52,16 @@ def margin_contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor,
         x1, x2: (N, C); y: (N,) with values in {0, 1}. Returns a scalar.
 
     Raises:
-        ValueError: ``margin`` ≤ 0, or mismatched shapes.
+        ValueError: ``margin`` ≤ 0, mismatched shapes, or labels other than 0 and 1.
     """
     if not margin > 0:
         raise ValueError(f"margin must be > 0, got {margin}")
     if x1.shape != x2.shape or x1.dim() != 2 or y.shape != x1.shape[:1]:
         raise ValueError(f"expected x1, x2 of shape (N, C) and y of shape (N,), got {tuple(x1.shape)}, "
                          f"{tuple(x2.shape)}, {tuple(y.shape)}")
+    bad = y[(y != 0) & (y != 1)]
+    if bad.numel():
+        raise ValueError(f"y must be 0 (similar pair) or 1 (dissimilar pair), got {sorted(set(bad.tolist()))[:5]}")
     y = y.to(x1.dtype)
     d = (x1 - x2).pow(2).sum(dim=1).clamp_min(1e-12).sqrt()  # (N,)
     similar = (1 - y) * 0.5 * d.pow(2)
@@ -73,11 +83,15 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
     if anchor.shape != positive.shape or anchor.dim() != 2:
         raise ValueError(f"anchor and positive must both be (N, C), got {tuple(anchor.shape)} and {tuple(positive.shape)}")
     if negatives is None:
+        if anchor.shape[0] < 2:
+            raise ValueError("npair_loss without negatives needs a batch of N >= 2 anchors (the other anchors' "
+                             f"positives are the negatives), got N = {anchor.shape[0]}: with none the loss is 0")
         logits = anchor @ positive.t()  # (N, N), positive on the diagonal
         labels = torch.arange(anchor.shape[0], device=anchor.device)
         return F.cross_entropy(logits, labels)
     if negatives.dim() != 3 or negatives.shape[0] != anchor.shape[0] or negatives.shape[2] != anchor.shape[1]:
         raise ValueError(f"negatives must be (N, K, C) = ({anchor.shape[0]}, K, {anchor.shape[1]}), got {tuple(negatives.shape)}")
+    _check_some_negatives(negatives.shape[1])
     l_pos = (anchor * positive).sum(dim=1, keepdim=True)  # (N, 1)
     l_neg = torch.einsum("nc,nkc->nk", anchor, negatives)  # (N, K)
     logits = torch.cat([l_pos, l_neg], dim=1)  # (N, 1+K)
@@ -98,8 +112,10 @@ def infonce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T:
     Returns:
         ``(logits, labels)`` with logits (N, 1+K) and labels (N,) of zeros.
 
+    K may be 0 (an empty queue's first step: logits (N, 1)); :func:`infonce_loss` refuses that.
+
     Raises:
-        ValueError: T ≤ 0 or shapes that do not match.
+        ValueError: T ≤ 0 or not finite, or shapes that do not match.
     """
     T = check_temperature(T)
     if q.dim() != 2 or q.shape != k.shape:
@@ -125,8 +141,12 @@ def infonce_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T: f
 
     With uninformative features (all candidates equally similar) the loss is exactly ln(K + 1),
     and ``ln(K + 1) - L`` is the InfoNCE lower bound on the mutual information I(q; k).
+
+    Raises:
+        ValueError: as :func:`infonce_logits`, or no negatives (K = 0: the loss would be 0 whatever the features).
     """
     logits, labels = infonce_logits(q, k, negatives, T)
+    _check_some_negatives(logits.shape[1] - 1)
     return F.cross_entropy(logits, labels)
 
 
@@ -142,10 +162,13 @@ def nce_loss(logits: torch.Tensor, num_samples: int, Z: float | torch.Tensor, ep
         logits: (N, 1+K), already divided by the temperature, positive at index 0.
 
     Raises:
-        ValueError: ``num_samples`` < 1 or a non-positive ``Z``.
+        ValueError: ``num_samples`` < 1, a non-positive ``Z``, or logits without negatives (K = 0).
     """
     if int(num_samples) < 1:
         raise ValueError(f"num_samples (the memory-bank size M) must be >= 1, got {num_samples}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, 1+K), got {tuple(logits.shape)}")
+    _check_some_negatives(logits.shape[1] - 1)
     Z = torch.as_tensor(Z, dtype=logits.dtype, device=logits.device)
     if not bool(Z > 0):
         raise ValueError(f"the normalising constant Z must be > 0, got {float(Z)}")

@@ -7,7 +7,8 @@ the same constructor, attributes ``encoder_q`` / ``encoder_k``, buffers
 ``queue`` (C, K) and ``queue_ptr``, and ``forward(im_q, im_k) -> (logits, labels)``.
 With one process and shuffle-BN off it computes exactly what the official builder
 computes. It also runs on a CPU or one GPU, accepts any K (the queue wraps
-around) and validates its arguments.
+around), validates its arguments, computes the logits in fp32 under bf16 autocast,
+and makes no device -> host sync in a step.
 
 :class:`EndToEnd` (negatives from the current batch, keys through the same
 encoder with gradients) and :class:`MemoryBankModel` (InsDis, Wu et al. 2018)
@@ -18,6 +19,7 @@ share the training interface::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable
 
@@ -29,12 +31,20 @@ from .encoders import add_mlp_head
 from .losses import NCECriterion, check_temperature
 from .memory_bank import MemoryBank
 from .momentum import MOMENTUM_SCHEDULES, MomentumUpdater, check_momentum
-from .queue import KeyQueue
+from .queue import KeyQueue, check_positive_int
 from .shuffle_bn import batch_shuffle, batch_unshuffle, concat_all_gather, convert_split_bn, world_size
 
 __all__ = ["MoCo", "EndToEnd", "MemoryBankModel", "SHUFFLE_BN_MODES"]
 
 SHUFFLE_BN_MODES = ("auto", "off", "split", "ddp")
+
+
+def _autocast_off(device: torch.device):
+    """A context that turns autocast off on ``device`` (nothing where autocast does not exist)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))  # torch < 2.4
+    if available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class MoCo(KeyQueue):
@@ -47,7 +57,7 @@ class MoCo(KeyQueue):
         base_encoder: a callable ``base_encoder(num_classes=dim)`` returning a module with a
             final ``nn.Linear`` called ``fc`` (a torchvision ResNet, :class:`~mocolab.encoders.ConvNet`, …).
         dim: C, feature dimension (default 128).
-        K: queue size, any positive integer (default 65536).
+        K: queue size, any positive integer (default 65536; 2.0 is taken as 2, 2.5 is refused).
         m: momentum of the key encoder, in [0, 1] (default 0.999).
         T: softmax temperature > 0 (default 0.07).
         mlp: MoCo v2's MLP head (default False).
@@ -67,7 +77,8 @@ class MoCo(KeyQueue):
         momentum_buffers: also average BN running statistics into the key encoder (official: False).
 
     Raises:
-        ValueError: any argument outside its allowed range (the message says which and what is allowed).
+        ValueError: any argument outside its allowed range (the message says which and what is allowed);
+            in ``forward``, im_q and im_k of different shapes, or an encoder output that is not (N, dim).
     """
 
     def __init__(self, base_encoder: Callable[..., nn.Module], dim: int = 128, K: int = 65536, m: float = 0.999,
@@ -81,8 +92,8 @@ class MoCo(KeyQueue):
             raise ValueError(f"shuffle_bn must be one of {SHUFFLE_BN_MODES}, got {shuffle_bn!r}")
         if momentum_schedule not in MOMENTUM_SCHEDULES:
             raise ValueError(f"momentum_schedule must be one of {tuple(MOMENTUM_SCHEDULES)}, got {momentum_schedule!r}")
-        if shuffle_bn == "split" and int(bn_splits) < 1:
-            raise ValueError(f"bn_splits must be a positive integer, got {bn_splits}")
+        if shuffle_bn == "split":
+            bn_splits = check_positive_int(bn_splits, "bn_splits")
         self.shuffle_bn, self.bn_splits = shuffle_bn, int(bn_splits)
         self.shuffle_keys = bool(shuffle_keys)
         self.symmetric, self.momentum_schedule = bool(symmetric), momentum_schedule
@@ -120,19 +131,26 @@ class MoCo(KeyQueue):
             return "ddp" if world_size() > 1 else "off"
         return self.shuffle_bn
 
+    def _embed_k(self, im: torch.Tensor) -> torch.Tensor:
+        """Unit keys of a batch through the key encoder (as it is), in at least fp32. (N, C)."""
+        k = self.encoder_k(im)
+        if k.dim() != 2 or k.shape[1] != self.queue.shape[0]:
+            raise ValueError(f"the encoder's output has shape {tuple(k.shape)}, but MoCo expects (N, dim) = "
+                             f"({im.shape[0]}, {self.queue.shape[0]}): build it with num_classes=dim")
+        return F.normalize(k.to(torch.promote_types(k.dtype, torch.float32)), dim=1)
+
     @torch.no_grad()
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
         """Keys of a batch through the key encoder, with shuffle-BN as configured. (N, C), unit norm."""
         mode = self._shuffle_mode()
         if mode == "off" or not self.shuffle_keys:
-            return F.normalize(self.encoder_k(im_k), dim=1)
+            return self._embed_k(im_k)
         if mode == "split":  # shuffle within the batch (one device)
             idx_shuffle = torch.randperm(im_k.shape[0], device=im_k.device)
-            k = F.normalize(self.encoder_k(im_k[idx_shuffle]), dim=1)
+            k = self._embed_k(im_k[idx_shuffle])
             return k[torch.argsort(idx_shuffle)]
         im_k, idx_unshuffle = batch_shuffle(im_k)  # across ranks
-        k = F.normalize(self.encoder_k(im_k), dim=1)
-        return batch_unshuffle(k, idx_unshuffle)
+        return batch_unshuffle(self._embed_k(im_k), idx_unshuffle)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
@@ -143,16 +161,21 @@ class MoCo(KeyQueue):
         self.enqueue(keys, index)
 
     def _contrast(self, im_q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # queries: (N, C)
-        # dividing q by T (N·C values) instead of the logits (N·(1+K) values) saves a pass over
-        # the largest tensor of the step, forward and backward; the logits are the same
-        q = q / self.T
-        l_pos = (q * k.to(q.dtype)).sum(dim=1, keepdim=True)  # "nc,nc->n": (N, 1)
-        l_neg = torch.mm(q, negatives.to(q.dtype))  # "nc,ck->nk": (N, K)
-        return torch.cat([l_pos, l_neg], dim=1)  # (N, 1+K), already divided by T
+        q = self.encoder_q(im_q)  # (N, C), bf16 under autocast
+        dtype = torch.promote_types(torch.promote_types(q.dtype, negatives.dtype), torch.float32)
+        with _autocast_off(q.device):  # the contrast in fp32: bf16 would round logits / T in steps of 1/16
+            q = F.normalize(q.to(dtype), dim=1)  # queries: (N, C)
+            # dividing q by T (N·C values) instead of the logits (N·(1+K) values) saves a pass over
+            # the largest tensor of the step, forward and backward; the logits are the same
+            q = q / self.T
+            l_pos = (q * k.to(dtype)).sum(dim=1, keepdim=True)  # "nc,nc->n": (N, 1)
+            l_neg = torch.mm(q, negatives.to(dtype))  # "nc,ck->nk": (N, K)
+            return torch.cat([l_pos, l_neg], dim=1)  # (N, 1+K), already divided by T
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None):
         """One MoCo step: logits and labels, then the momentum update and the enqueue.
+
+        No value is read on the host: the step makes no device -> host sync.
 
         Args:
             im_q: a batch of query images, (N, 3, H, W).
@@ -161,13 +184,25 @@ class MoCo(KeyQueue):
 
         Returns:
             ``(logits, labels)``: logits (N, 1+K) already divided by T (2N rows when symmetric), labels all zeros.
+
+        Raises:
+            ValueError: im_q and im_k of different shapes, an index that is not (N,), or an encoder
+                output that is not (N, dim).
         """
+        if im_q.shape != im_k.shape:
+            raise ValueError(f"im_q and im_k must have the same shape, got im_q {tuple(im_q.shape)} "
+                             f"and im_k {tuple(im_k.shape)}")
+        if index is not None and tuple(index.shape) != (im_q.shape[0],):
+            raise ValueError(f"index must have shape ({im_q.shape[0]},) for images {tuple(im_q.shape)}, "
+                             f"got {tuple(index.shape)}")
         with torch.no_grad():
             self._momentum_update_key_encoder()
             k = self._keys(im_k)  # keys: (N, C)
             k1 = self._keys(im_q) if self.symmetric else None
-        # the queue is overwritten in place below, so the logits must not hold a view of it
-        negatives = self.negatives().clone().detach()  # (C, K)
+        # the queue is overwritten in place below, after autograd saved the negatives for the
+        # backward of l_neg: with gradients on they must be a copy (in at least fp32), not a view
+        negatives = self.negatives()  # (C, K)
+        negatives = negatives.to(torch.promote_types(negatives.dtype, torch.float32), copy=torch.is_grad_enabled())
         logits = self._contrast(im_q, k, negatives)
         if self.symmetric:
             logits = torch.cat([logits, self._contrast(im_k, k1, negatives)], dim=0)  # (2N, 1+K)
@@ -230,9 +265,8 @@ class MemoryBankModel(nn.Module):
         super().__init__()
         if loss not in ("nce", "softmax"):
             raise ValueError(f"loss must be 'nce' or 'softmax', got {loss!r}")
-        if int(K) < 1:
-            raise ValueError(f"K (negatives per query) must be >= 1, got {K}")
-        self.T, self.K, self.loss = check_temperature(T), int(K), loss
+        K = check_positive_int(K, "K (negatives per query)")
+        self.T, self.K, self.loss = check_temperature(T), K, loss
         self.encoder_q = base_encoder(num_classes=dim)
         if mlp:
             add_mlp_head(self.encoder_q)

@@ -2,9 +2,9 @@
 
 ``θk ← m·θk + (1 − m)·θq`` (He et al. 2020, eq. 2). With m = 1 the key
 encoder is frozen, with m = 0 it is a copy of the query encoder. The update
-is done in place on all parameters at once with ``torch._foreach_*`` kernels:
-no new tensors per step (the official builder loops over parameters and
-allocates a new tensor for each).
+is one ``torch._foreach_lerp_`` over all parameters at once, in place:
+``θk ← θk + (1 − m)·(θq − θk)``, no new tensors per step (the official builder
+loops over parameters and allocates a new tensor for each).
 """
 from __future__ import annotations
 
@@ -44,11 +44,10 @@ def _pairs(encoder_k: nn.Module, encoder_q: nn.Module, buffers: bool):
 def _update(tk: Sequence[torch.Tensor], tq: Sequence[torch.Tensor], m: float) -> None:
     if m == 1.0:
         return
-    if m == 0.0:
+    if m == 0.0:  # lerp with weight 1 is exact too, but a copy is cheaper
         torch._foreach_copy_(tk, tq)
         return
-    torch._foreach_mul_(tk, m)
-    torch._foreach_add_(tk, tq, alpha=1.0 - m)
+    torch._foreach_lerp_(tk, tq, 1.0 - m)
 
 
 @torch.no_grad()

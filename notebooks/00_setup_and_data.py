@@ -66,7 +66,10 @@ import torchvision
 import mocolab
 from mocolab.data import BatchAugment, describe_augmentation, load_images
 from mocolab.evaluate import knn_accuracy
+from mocolab.lesson import check_parameters
 from mocolab.plotting import plot_image_grid
+
+check_parameters(NUM_IMAGES=NUM_IMAGES, NUM_TEST=NUM_TEST, IMAGE_SIZE=IMAGE_SIZE, AUGMENTATION=AUGMENTATION, SEED=SEED)
 
 output_dir = Path(OUTPUT_DIR)
 output_dir.mkdir(parents=True, exist_ok=True)

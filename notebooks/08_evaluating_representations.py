@@ -82,7 +82,8 @@ from mocolab.train import TrainConfig, fit
 
 lesson = Lesson("08_evaluating_representations", OUTPUT_DIR, seed=SEED, device=DEVICE)
 out, device = lesson.out, lesson.device
-train_x, train_y, test_x, test_y, classes = lesson.load(DATASET, NUM_IMAGES, NUM_TEST)
+train_x, train_y, test_x, test_y, classes = lesson.load(DATASET, NUM_IMAGES, NUM_TEST,
+                                                        names={"num_train": "NUM_IMAGES"})
 num_classes = len(classes)
 chance = 100.0 / num_classes
 print(f"{num_classes} classes, chance {chance:.1f} %")

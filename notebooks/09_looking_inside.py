@@ -74,7 +74,8 @@ from mocolab.train import TrainConfig, fit
 
 lesson = Lesson("09_looking_inside", OUTPUT_DIR, seed=SEED, device=DEVICE)
 out, device = lesson.out, lesson.device
-train_x, train_y, eval_x, eval_y, classes = lesson.load(DATASET, NUM_IMAGES, NUM_EVAL)
+train_x, train_y, eval_x, eval_y, classes = lesson.load(DATASET, NUM_IMAGES, NUM_EVAL,
+                                                        names={"num_train": "NUM_IMAGES", "num_test": "NUM_EVAL"})
 steps = EPOCHS * (len(train_x) // BATCH_SIZE)
 print(f"{steps} steps per run, {steps * (1 - MOMENTUM):.1f} time constants 1/(1 − m) of the key encoder")
 

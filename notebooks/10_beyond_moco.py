@@ -101,7 +101,8 @@ from mocolab.train import TrainConfig, fit
 
 lesson = Lesson("10_beyond_moco", OUTPUT_DIR, seed=SEED, device=DEVICE)
 out, device = lesson.out, lesson.device
-x_train, y_train, x_test, y_test, classes = lesson.load(DATASET, NUM_IMAGES, NUM_TEST)
+x_train, y_train, x_test, y_test, classes = lesson.load(DATASET, NUM_IMAGES, NUM_TEST,
+                                                        names={"num_train": "NUM_IMAGES"})
 num_classes = len(classes)
 eval_data = (x_train, y_train, x_test, y_test)
 steps_per_epoch = len(x_train) // BATCH_SIZE

@@ -219,3 +219,118 @@ def test_history_added_by_callbacks_survives_a_checkpoint(tmp_path):
     hist = fit(tiny_model(), images, BatchAugment(16), TrainConfig(epochs=2, batch_size=16, knn_every=0, seed=3),
                device="cpu", verbose=False, checkpoint=ckpt, resume=ckpt, on_epoch=probe)
     assert hist["probe"] == [0.5, 1.0]
+
+
+def test_refused_and_corrupt_files_say_what_they_are_without_cutting_torchs_text(tmp_path):
+    from fractions import Fraction
+
+    torch.save({"format": FORMAT, "x": Fraction(1, 3)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(tmp_path / "evil.pt")
+    msg = str(exc.value)
+    assert "evil.pt is not a plain-tensor checkpoint" in msg and "weights_only=True" in msg
+    assert "fractions.Fraction" in msg and "does not load it" in msg and "arbitrary code" in msg
+    assert "Re-running" not in msg and "weights_only` set to `False" not in msg
+    torch.save({"a": torch.ones(100)}, tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut.pt: the file is corrupt or truncated \(RuntimeError: "
+                                              r"PytorchStreamReader failed reading zip archive: failed finding "
+                                              r"central directory\)"):
+        load_checkpoint(tmp_path / "cut.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pt: the file is empty"):
+        load_checkpoint(tmp_path / "empty.pt")
+
+
+def test_lock_run_dir_holds_one_writer(tmp_path):
+    from mocolab.checkpoint import RunDirectoryError, lock_run_dir
+
+    run = tmp_path / "run"
+    with lock_run_dir(run):
+        assert (run / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(RunDirectoryError, match=f"run directory {run} is in use by process {os.getpid()}"):
+            with lock_run_dir(run):
+                pass
+    with lock_run_dir(run):  # released; the lock file left behind does not block
+        pass
+
+
+def test_lock_run_dir_refuses_what_cannot_be_written(tmp_path, monkeypatch):
+    import tempfile
+
+    from mocolab.checkpoint import RunDirectoryError, lock_run_dir
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunDirectoryError, match="afile is a file, not a directory"):
+        with lock_run_dir(tmp_path / "afile"):
+            pass
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", denied)  # a read-only directory, even for root
+    with pytest.raises(RunDirectoryError, match=r"cannot write to run directory .*ro \(Permission denied\)"):
+        with lock_run_dir(tmp_path / "ro"):
+            pass
+
+
+def test_orphan_temporaries_of_killed_saves_are_removed(tmp_path):
+    from mocolab.checkpoint import remove_orphan_temporaries
+
+    names = (".checkpoint.pt.k1x2.tmp", ".checkpoint.pt.9zq.tmp", ".metrics.json.tmp", "notes.tmp", "checkpoint.pt")
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_orphan_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [".checkpoint.pt.9zq.tmp", ".checkpoint.pt.k1x2.tmp", ".metrics.json.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "notes.tmp"]
+
+
+class OfficialMoCo(torch.nn.Module):
+    """The state of facebookresearch/moco's builder.MoCo: encoder_q, encoder_k, queue (C, K), queue_ptr."""
+
+    def __init__(self, dim=8, K=48):
+        super().__init__()
+        torch.manual_seed(7)
+        self.encoder_q = ConvNet(num_classes=dim, width=4)
+        self.encoder_k = ConvNet(num_classes=dim, width=4)
+        self.register_buffer("queue", torch.nn.functional.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.tensor([16]))
+
+
+def test_official_moco_state_dict_loads_and_exports(tmp_path):
+    from mocolab.checkpoint import export_official_moco, load_official_moco
+
+    official = OfficialMoCo()
+    ref = official.state_dict()
+    model = tiny_model(seed=1)
+    with pytest.raises(RuntimeError, match="queue_filled"):  # what a plain strict load says
+        model.load_state_dict(ref)
+    torch.save({"epoch": 200, "arch": "convnet", "state_dict": {f"module.{k}": v for k, v in ref.items()}},
+               tmp_path / "checkpoint_0199.pth.tar")
+    load_official_moco(model, tmp_path / "checkpoint_0199.pth.tar")
+    for k, v in ref.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert int(model.queue_filled) == 48 and model.num_valid == 48 and int(model.queue_ptr) == 16
+    assert bool((model.queue_index == -1).all()) and bool((model.queue_step == -1).all())
+    assert int(model.queue_count) == 0
+    logits, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))  # trains on from there
+    assert logits.shape == (4, 49) and int(model.queue_ptr) == 20
+
+    exported = export_official_moco(model, tmp_path / "export.pth.tar")
+    assert set(exported) == set(ref)  # exactly the official keys
+    assert OfficialMoCo().load_state_dict(exported) is not None  # strict
+    saved = torch.load(tmp_path / "export.pth.tar", weights_only=True)["state_dict"]
+    assert all(k.startswith("module.") for k in saved) and {k[7:] for k in saved} == set(ref)
+    again = load_official_moco(tiny_model(seed=2), tmp_path / "export.pth.tar")
+    assert torch.equal(again.queue, model.queue)
+
+
+def test_official_moco_of_another_size_is_a_clear_error(tmp_path):
+    from mocolab.checkpoint import load_official_moco
+
+    with pytest.raises(CheckpointError, match=r"queue of shape \(8, 64\).*K=64"):
+        load_official_moco(tiny_model(), OfficialMoCo(K=64).state_dict())
+    with pytest.raises(CheckpointError, match="missing keys.*fc"):
+        load_official_moco(tiny_model(mlp=True), OfficialMoCo().state_dict())
+    with pytest.raises(CheckpointError, match="no 'queue'"):
+        load_official_moco(tiny_model(), {"encoder_q.w": torch.ones(1)})

@@ -27,6 +27,7 @@ from mocolab.data import (
     normalize,
     shared_cifar10_small,
 )
+from mocolab.syncs import count_host_syncs
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -461,6 +462,26 @@ def test_channels_last_output():
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("kwargs", [dict(preset="v2"), dict(preset="v1", random_order=True),
+                                    dict(image_size=64, p_blur=0.5)])
+def test_batch_augment_makes_no_host_sync(kwargs):
+    # no .any() early-outs and no tensors made from Python lists: a call never waits for the device
+    x, _ = make_shapes(8)
+    aug = BatchAugment(**kwargs)
+    with count_host_syncs(strict=True):
+        aug(x)
+        aug(x, generator=torch.Generator().manual_seed(0))
+    assert not set(aug.state_dict())  # the constants are buffers, but not saved
+
+
+def test_batch_augment_params_drawn_on_another_device_keep_their_dtypes():
+    aug = BatchAugment(32, random_order=True)
+    here = aug.sample_params(5, 32, 32, generator=torch.Generator().manual_seed(0))
+    moved = aug.sample_params(5, 32, 32, generator=torch.Generator().manual_seed(0), device="meta")  # one packed copy
+    assert {k: (v.dtype, v.shape) for k, v in moved.items()} == {k: (v.dtype, v.shape) for k, v in here.items()}
+    assert all(v.device.type == "meta" for v in moved.values())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batch_augment_on_cuda():
     x, _ = make_shapes(8)
@@ -518,3 +539,27 @@ def test_balanced_subset_oracle():
     assert torch.equal(idx, _balanced_subset(labels, 31, seed=0))
     unlabeled = _balanced_subset(torch.full((20,), -1), 7, seed=1)
     assert len(unlabeled) == 7
+
+
+def test_broken_images_are_skipped_with_a_warning_that_names_and_counts_them(tmp_path):
+    _write_folder(tmp_path, [(20, 20), (20, 20)])
+    train = tmp_path / "train"
+    good = (train / "apple" / "0.png").read_bytes()
+    (train / "apple" / "empty.png").write_bytes(b"")
+    (train / "berry" / "garbage.jpg").write_bytes(b"this is not an image")
+    (train / "berry" / "truncated.png").write_bytes(good[: len(good) // 2])
+    for _ in range(2):  # the second load comes from the in-memory cache, and warns again
+        with pytest.warns(UserWarning, match=r"skipped 3 of 7 image files") as rec:
+            x, y, classes = load_images(str(train))
+        msg = str(rec[0].message)
+        assert all(name in msg for name in ("empty.png (empty file)", "garbage.jpg (not an image", "truncated.png"))
+        assert x.shape == (4, 3, 20, 20) and y.tolist() == [0, 0, 1, 1] and classes == ["apple", "berry"]
+
+
+def test_an_imagefolder_of_only_broken_images_is_one_clear_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"")
+    (tmp_path / "a" / "y.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(ValueError, match=r"none of the 2 image files in .* can be decoded, e.g. .*x.jpg "
+                                         r"\(empty file\)"):
+        load_images(str(tmp_path))

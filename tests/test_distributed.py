@@ -89,7 +89,7 @@ def test_data_parallel_pretrain_on_two_ranks_then_resume_in_one_process(tmp_path
 
         def worker(rank, world):
             setup(rank, world)
-            res = pretrain(dict(data="shapes", limit=128, epochs=1, batch_size=32, K=128, knn_every=1,
+            res = pretrain(dict(data="shapes", limit=256, epochs=1, batch_size=32, K=128, knn_every=1,
                                 arch="convnet", out=os.path.join(OUT, "run"), seed=0), verbose=False)
             assert not dist.is_initialized()  # pretrain leaves the group it created
             torch.save({"model": res.model.state_dict(), "world": res.metrics["world_size"],
@@ -114,7 +114,7 @@ def test_data_parallel_pretrain_on_two_ranks_then_resume_in_one_process(tmp_path
 
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["epoch"] == 1
-    status = main(["pretrain", "--data", "shapes", "--limit", "128", "--epochs", "2", "--batch-size", "32",
+    status = main(["pretrain", "--data", "shapes", "--limit", "256", "--epochs", "2", "--batch-size", "32",
                    "--K", "128", "--knn-every", "1", "--arch", "convnet", "--seed", "0",
                    "--out", str(tmp_path / "run"), "--resume", "--device", "cpu"])
     assert status == 0, capsys.readouterr().err

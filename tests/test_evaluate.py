@@ -98,3 +98,45 @@ def test_compare_accuracies_verdicts_follow_the_noise_band():
     assert compare_accuracies("a", 20.0 + tol - 0.1, "b", 20.0, 1000).endswith("within the test-set noise")
     line = compare_accuracies("MoCo", 36.4, "random init", 21.0, 1000)
     assert line.startswith("MoCo 36.4 % vs random init 21.0 % (+15.4 points, noise ±")
+
+
+def _knn_as_before(encoder, bank_x, bank_y, test_x, test_y, k, t):
+    """The monitor as it was (features copied to the CPU batch by batch, the count read per chunk): the oracle."""
+    from mocolab.data import normalize
+
+    def feats(x):
+        encoder.eval()
+        with torch.no_grad():
+            return torch.cat([F.normalize(encoder(normalize(x[s:s + 512])).float(), dim=1).cpu()
+                              for s in range(0, x.shape[0], 512)])
+    ftr, fte = feats(bank_x), feats(test_x)
+    bank = F.normalize(ftr, dim=1).t().contiguous()
+    correct = 0
+    for s in range(0, fte.shape[0], 1024):
+        pred = knn_predict(F.normalize(fte[s:s + 1024], dim=1), bank, bank_y, int(bank_y.max()) + 1, k, t)
+        correct += int((pred[:, 0] == test_y[s:s + 1024]).sum())
+    return ftr, 100.0 * correct / fte.shape[0]
+
+
+def test_knn_monitor_on_the_device_gives_what_it_gave_on_the_host():
+    """fit's monitor (features kept on the device, batches of 1024, the search in chunks there, one host read)
+    gives the same features and accuracy as the host path it replaced, on the CPU in fp32."""
+    from mocolab.evaluate import evaluate_knn
+    from mocolab.syncs import count_host_syncs
+
+    torch.manual_seed(0)
+    net = ConvNet(num_classes=16, width=4)
+    g = torch.Generator().manual_seed(1)
+    bank_x = torch.randint(0, 256, (1100, 3, 16, 16), dtype=torch.uint8, generator=g)
+    test_x = torch.randint(0, 256, (1300, 3, 16, 16), dtype=torch.uint8, generator=g)
+    bank_y, test_y = torch.arange(1100) % 3, torch.arange(1300) % 3
+    ref_feats, ref_acc = _knn_as_before(net, bank_x, bank_y, test_x, test_y, k=20, t=0.1)
+    feats = extract_features(net, bank_x, batch_size=1024, to_cpu=False)
+    assert torch.equal(feats, ref_feats)
+    with count_host_syncs() as syncs:
+        acc = knn_accuracy(feats, bank_y, extract_features(net, test_x, batch_size=1024, to_cpu=False), test_y,
+                           k=20, t=0.1, num_classes=3)
+    assert acc == ref_acc and syncs.count == 1, syncs.sites
+    assert evaluate_knn(net, bank_x, bank_y, test_x, test_y, k=20, on_device=True, batch_size=1024) == ref_acc
+    assert evaluate_knn(net, bank_x, bank_y, test_x, test_y, k=20, amp=True, channels_last=True) == pytest.approx(
+        ref_acc, abs=5)  # bf16 features: close, not equal

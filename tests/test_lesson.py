@@ -66,3 +66,22 @@ def test_load_records_the_sizes(tmp_path):
     x_train, y_train, x_test, y_test, classes = lesson.load("shapes", 40, 20)
     assert (lesson.num_train, lesson.num_test) == (40, 20) == (len(x_train), len(x_test))
     assert len(classes) == 10 and x_train.dtype.is_floating_point is False
+
+
+def test_parameter_errors_name_the_notebook_parameter(tmp_path):
+    from mocolab.lesson import check_parameters
+
+    lesson = Lesson("04_queue", tmp_path, device="cpu")
+    with pytest.raises(ValueError, match=r"notebook parameter NUM_TRAIN = 0: expected a positive integer"):
+        lesson.load("shapes", 0, 20)
+    with pytest.raises(ValueError, match=r"notebook parameter NUM_EVAL = -5"):
+        lesson.load("shapes", 40, -5, names={"num_train": "NUM_IMAGES", "num_test": "NUM_EVAL"})
+    with pytest.raises(ValueError, match=r"notebook parameter IMAGE_SIZE = 4: expected an integer >= 8"):
+        lesson.load("shapes", 40, 20, image_size=4)
+    with pytest.raises(ValueError, match=r"notebook parameter DATASET = 'mnist': unknown dataset"):
+        lesson.load("mnist", 40, 20)
+    with pytest.raises(ValueError, match=r"notebook parameter AUGMENTATION = 'v3': expected one of 'v1', 'v2'"):
+        check_parameters(NUM_IMAGES=None, AUGMENTATION="v3")
+    with pytest.raises(ValueError, match=r"notebook parameter T = inf: expected a finite number > 0"):
+        check_parameters(T=float("inf"))
+    check_parameters(NUM_IMAGES=5000, NUM_TEST=1000, IMAGE_SIZE=32, AUGMENTATION="v2", EPOCHS=1, K=64, SEED=0)

@@ -98,3 +98,31 @@ def test_nce_loss_matches_formula_and_z_is_estimated_once():
     assert crit.Z.item() == pytest.approx(Z, rel=1e-5)
     with pytest.raises(ValueError, match="Z"):
         nce_loss(logits, M, 0.0)
+
+
+def test_a_loss_without_negatives_raises_instead_of_returning_zero():
+    from mocolab.losses import check_temperature
+
+    q, k = unit(4, 8, seed=1), unit(4, 8, seed=2)
+    logits, _ = infonce_logits(q, k, torch.empty(8, 0))  # an empty queue's first step: the logits are allowed
+    assert logits.shape == (4, 1)
+    with pytest.raises(ValueError, match=r"no negatives \(K = 0\)"):
+        infonce_loss(q, k, torch.empty(8, 0))
+    with pytest.raises(ValueError, match=r"no negatives \(K = 0\)"):
+        npair_loss(q, k, torch.empty(4, 0, 8))
+    with pytest.raises(ValueError, match="N >= 2"):
+        npair_loss(q[:1], k[:1])
+    with pytest.raises(ValueError, match=r"no negatives \(K = 0\)"):
+        nce_loss(torch.zeros(4, 1), num_samples=10, Z=1.0)
+    for bad in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            check_temperature(bad)
+        with pytest.raises(ValueError, match="temperature T"):
+            infonce_loss(q, k, unit(8, 5).t(), T=bad)
+
+
+def test_margin_loss_accepts_only_labels_0_and_1():
+    x1, x2 = unit(4, 3, seed=1), unit(4, 3, seed=2)
+    with pytest.raises(ValueError, match=r"0 \(similar pair\) or 1 \(dissimilar pair\), got \[-1, 2\]"):
+        margin_contrastive_loss(x1, x2, torch.tensor([0, 2, 1, -1]))
+    assert torch.isfinite(margin_contrastive_loss(x1, x2, torch.tensor([0.0, 1.0, 1.0, 0.0])))

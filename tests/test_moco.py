@@ -1,6 +1,7 @@
 """MoCo against the official builder's computation, written out with plain tensor ops."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from mocolab.encoders import ConvNet
 from mocolab.moco import EndToEnd, MemoryBankModel, MoCo
+from mocolab.syncs import count_host_syncs
 
 
 def small_encoder(num_classes=16):
@@ -175,3 +177,87 @@ def test_memory_bank_baseline(loss):
     assert torch.isfinite(model.criterion(logits, labels))
     with pytest.raises(ValueError, match="index"):
         model(torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(shuffle_bn="off"), dict(shuffle_bn="split", bn_splits=4),
+    dict(shuffle_bn="split", bn_splits=2, symmetric=True),
+    dict(shuffle_bn="off", queue_init="empty", K=10), dict(shuffle_bn="split", bn_splits=4, shuffle_keys=False),
+])
+def test_step_makes_no_host_sync(kw):
+    # a host read (.item(), bool(t), int(t), ...) in the step would stop the GPU's queue: there must be none
+    torch.manual_seed(0)
+    model = MoCo(small_encoder, **{"dim": 16, "K": 32, "m": 0.9, **kw})
+    im_q, im_k = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    with count_host_syncs(strict=True):
+        for _ in range(3):  # the empty queue fills and wraps around
+            logits, labels = model(im_q, im_k, index=torch.arange(8))
+            model.criterion(logits, labels).backward()
+    assert int(model.queue_count) == 3 and logits.shape[1] == 1 + model.K  # the empty queue is full by now
+
+
+@pytest.mark.parametrize("K", [2.5, "8", None])
+def test_K_must_be_integral(K):
+    with pytest.raises(ValueError, match="K must be a positive integer"):
+        MoCo(small_encoder, dim=16, K=K)
+    assert MoCo(small_encoder, dim=16, K=8.0).K == 8
+    with pytest.raises(ValueError, match="bn_splits"):
+        MoCo(small_encoder, dim=16, K=8, shuffle_bn="split", bn_splits=2.5)
+    with pytest.raises(ValueError, match="K"):
+        MemoryBankModel(small_encoder, num_samples=10, dim=16, K=K)
+
+
+def test_encoder_output_must_match_dim():
+    model = MoCo(lambda num_classes: ConvNet(num_classes=12, width=4), dim=16, K=8)
+    with pytest.raises(ValueError, match=r"\(4, 12\).*\(4, 16\)"):
+        model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+
+
+@pytest.mark.parametrize("shape_k", [(6, 3, 16, 16), (4, 3, 12, 12)])
+def test_query_and_key_batches_must_match(shape_k):
+    model = MoCo(small_encoder, dim=16, K=8)
+    before = model.queue.clone()
+    with pytest.raises(ValueError, match=re.escape(f"im_q (4, 3, 16, 16) and im_k {tuple(shape_k)}")):
+        model(torch.randn(4, 3, 16, 16), torch.randn(*shape_k))
+    with pytest.raises(ValueError, match=r"index must have shape \(4,\)"):
+        model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), index=torch.arange(5))
+    assert torch.equal(model.queue, before) and int(model.queue_ptr) == 0  # nothing ran
+
+
+def test_contrast_is_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = MoCo(small_encoder, dim=16, K=64, T=0.1)
+    seen = {}
+    model.encoder_q.register_forward_hook(lambda mod, inp, out: seen.__setitem__("q", out))
+    model.encoder_k.register_forward_hook(lambda mod, inp, out: seen.__setitem__("k", out))
+    negatives = model.queue.clone()
+    im_q, im_k = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, labels = model(im_q, im_k)
+    assert seen["q"].dtype == torch.bfloat16 and logits.dtype == torch.float32
+    q = F.normalize(seen["q"].float(), dim=1)  # the same q, the contrast in fp32
+    k = F.normalize(seen["k"].float(), dim=1)
+    expected = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives], dim=1) / 0.1
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.queue[:, :8], k.t())  # the fp32 keys were enqueued
+    model.criterion(logits, labels).backward()
+    assert model.encoder_q.fc.weight.grad is not None
+
+
+def test_logits_keep_their_negatives_after_the_enqueue():
+    # the enqueue overwrites the queue in place after the logits: backward must use the old keys
+    torch.manual_seed(0)
+    model = MoCo(small_encoder, dim=16, K=8, shuffle_bn="off").double()
+    old = model.queue.clone()
+    im_q, im_k = torch.randn(8, 3, 16, 16).double(), torch.randn(8, 3, 16, 16).double()
+    logits, _ = model(im_q, im_k)
+    assert not torch.equal(model.queue, old)
+    (grad,) = torch.autograd.grad(logits[:, 1:].sum(), model.encoder_q.fc.bias)  # through l_neg only
+    k = torch.zeros(8, 16, dtype=torch.double)
+    ref = model._contrast(im_q, k, old)
+    (grad_ref,) = torch.autograd.grad(ref[:, 1:].sum(), model.encoder_q.fc.bias)
+    torch.testing.assert_close(grad, grad_ref)
+    torch.testing.assert_close(logits[:, 1:], ref[:, 1:])
+    with torch.no_grad():  # without gradients the queue is not copied, and the logits are the same
+        model.queue.copy_(old)
+        torch.testing.assert_close(model(im_q, im_k)[0][:, 1:], ref[:, 1:].detach())

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mocolab.queue import KeyQueue
+from mocolab.syncs import count_host_syncs
 
 
 def keys(n, c=4, start=0):
@@ -54,12 +55,49 @@ def test_key_age():
     assert q.key_age().tolist() == [0, 0, 2, 2, 1, 1]
 
 
-def test_batch_larger_than_queue_is_an_error():
-    q = KeyQueue(4, 5)
-    with pytest.raises(ValueError, match="larger than the queue"):
-        q.enqueue(keys(6))
+def test_batch_larger_than_queue_keeps_the_last_K():
+    q = KeyQueue(4, 5, init="empty")
+    q.enqueue(keys(2))  # ptr 2
+    q.enqueue(keys(7, start=2), index=torch.arange(2, 9))  # keys 2..8: only 4..8 stay, key i at slot i % 5
+    assert q.queue[0].tolist() == [5.0, 6.0, 7.0, 8.0, 4.0] and q.queue_index.tolist() == [5, 6, 7, 8, 4]
+    assert int(q.queue_ptr) == 9 % 5 and q.num_valid == 5 and q.key_age().tolist() == [0] * 5
     with pytest.raises(ValueError, match="dim"):
         q.enqueue(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"index must have shape \(2,\)"):
+        q.enqueue(keys(2), index=torch.arange(3))
+
+
+def test_enqueue_and_negatives_make_no_host_sync():
+    q = KeyQueue(4, 10, init="empty")
+    with count_host_syncs(strict=True):
+        for step in range(5):  # wraps around, fills up
+            q.enqueue(keys(3, start=3 * step), index=torch.arange(3))
+            q.negatives()
+    assert q.num_valid == 10 and int(q.queue_ptr) == 15 % 10 and int(q.queue_filled) == 10
+
+
+def test_fill_count_follows_a_loaded_state_dict():
+    src = KeyQueue(4, 10, init="empty")
+    src.enqueue(keys(3))
+    q = KeyQueue(4, 10, init="empty")
+    q.enqueue(keys(8))
+    q.load_state_dict(src.state_dict())
+    assert q.num_valid == 3 and q.negatives().shape == (4, 3)
+    q.enqueue(keys(2))
+    assert q.num_valid == 5 and int(q.queue_filled) == 5 and int(q.queue_ptr) == 5
+    full = KeyQueue(4, 10)  # random init: all K slots act as negatives
+    full.load_state_dict(src.state_dict())
+    assert full.negatives().shape == (4, 3)
+
+
+@pytest.mark.parametrize("K", [2.5, "4", True, -1])
+def test_K_must_be_a_positive_integer(K):
+    with pytest.raises(ValueError, match="K must be a positive integer"):
+        KeyQueue(4, K)
+
+
+def test_integral_float_K_is_accepted():
+    assert KeyQueue(4, 6.0).K == 6 and KeyQueue(4.0, 6).queue.shape == (4, 6)
 
 
 @pytest.mark.parametrize("kw", [dict(dim=0, K=4), dict(dim=4, K=0), dict(dim=4, K=4, init="zeros")])

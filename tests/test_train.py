@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 
 import pytest
@@ -11,8 +12,8 @@ from mocolab.data import BatchAugment
 from mocolab.distributed import shard
 from mocolab.encoders import ConvNet
 from mocolab.moco import EndToEnd, MemoryBankModel, MoCo
-from mocolab.train import (PRESETS, VERSIONS, TrainConfig, build_model, fit, lr_at, make_optimizer, pretrain,
-                           resolve_config)
+from mocolab.train import (PRESETS, VERSIONS, TrainConfig, build_model, choose_queue_size, fit, lr_at,
+                           make_optimizer, pretrain, resolve_config)
 
 HISTORY_KEYS = {"epoch", "loss", "pretext_acc", "lr", "knn_epoch", "knn_acc", "step_loss", "images_per_second",
                 "train_seconds", "device"}
@@ -29,7 +30,8 @@ def moco(**kw):
 
 
 def test_fit_equals_a_plain_loop():
-    """Oracle: the loop written out by hand (batch order, views, cosine lr, SGD) gives the same weights and losses."""
+    """Oracle: the loop written out by hand (batch order, views, cosine lr, SGD) gives the same weights and losses
+    (on the CPU: bit for bit)."""
     images, labels = data()
     cfg = TrainConfig(epochs=2, batch_size=8, lr=0.1, knn_every=0, seed=5)
     model = moco()
@@ -44,7 +46,7 @@ def test_fit_equals_a_plain_loop():
         perm = torch.randperm(32, generator=gen)
         for s in range(4):
             idx = perm[s * 8:(s + 1) * 8]
-            im_q, im_k = aug(images[idx], generator=aug_gen), aug(images[idx], generator=aug_gen)
+            im_q, im_k = aug(torch.cat([images[idx], images[idx]]), generator=aug_gen).chunk(2)  # one call, 2N
             for g in opt.param_groups:
                 g["lr"] = 0.1 * 0.5 * (1 + math.cos(math.pi * step / total))
             logits, lab = ref(im_q, im_k, index=idx)
@@ -157,7 +159,7 @@ def test_build_model_follows_the_config():
 
 def test_pretrain_writes_metrics_and_checkpoint(tmp_path):
     out = tmp_path / "run"
-    res = pretrain(dict(limit=64, epochs=1, batch_size=32, K=64, knn_every=1, out=str(out)), verbose=False)
+    res = pretrain(dict(limit=128, epochs=1, batch_size=32, K=64, knn_every=1, out=str(out)), verbose=False)
     m = res.metrics
     for key in ("knn_acc", "knn_history", "loss_history", "images_per_second", "epochs", "config", "device"):
         assert key in m
@@ -166,9 +168,9 @@ def test_pretrain_writes_metrics_and_checkpoint(tmp_path):
     from mocolab.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="already exists"):
-        pretrain(dict(limit=64, epochs=1, batch_size=32, K=64, out=str(out)), verbose=False)
+        pretrain(dict(limit=128, epochs=1, batch_size=32, K=64, out=str(out)), verbose=False)
     with pytest.raises(CheckpointError, match="other settings.*K=64"):
-        pretrain(dict(limit=64, epochs=1, batch_size=32, K=96, out=str(out), resume=True), verbose=False)
+        pretrain(dict(limit=128, epochs=1, batch_size=32, K=96, out=str(out), resume=True), verbose=False)
 
 
 def test_amp_and_channels_last_on_the_cpu():
@@ -197,3 +199,260 @@ def test_compile_option_compiles_both_encoders_in_place(monkeypatch, tmp_path):
     from mocolab.checkpoint import load_checkpoint
 
     assert set(load_checkpoint(tmp_path / "c.pt")["model"]) == keys
+
+
+SMALL = dict(limit=128, epochs=1, batch_size=32, K=64, knn_every=0, arch="convnet", device="cpu")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
+    (dict(lr=float("nan")), "lr must be a finite number > 0, got nan"),
+    (dict(T=float("inf")), r"T \(temperature\) must be > 0 and finite, got inf"),
+    (dict(T=float("nan")), r"T \(temperature\) must be > 0 and finite, got nan"),
+    (dict(weight_decay=-1.0), "weight_decay must be a finite number >= 0, got -1.0"),
+    (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+    (dict(data="/no/such/dir"), "data path /no/such/dir does not exist"),
+    (dict(data="imagefolder:/no/such/dir"), "ImageFolder directory /no/such/dir does not exist"),
+])
+def test_resolve_config_rejects_non_finite_negative_and_missing(kw, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_config(**kw)
+
+
+def test_resume_applies_a_new_lr_T_and_weight_decay(tmp_path):
+    from mocolab.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    pretrain(dict(SMALL, schedule="constant", out=str(out)), verbose=False)
+    res = pretrain(dict(SMALL, schedule="constant", epochs=2, lr=0.03, T=0.2, weight_decay=1e-4, out=str(out),
+                        resume=True), verbose=False)
+    assert res.model.T == 0.2 and res.history["lr"] == [0.06, 0.03]
+    assert res.metrics["resume_changes"] == {"T": [0.1, 0.2], "lr": [0.06, 0.03], "weight_decay": [5e-4, 1e-4]}
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert [(g["lr"], g["weight_decay"]) for g in state["optimizer"]["param_groups"]] == [(0.03, 1e-4)]
+    assert state["config"]["lr"] == 0.03 and state["epoch"] == 2
+    from mocolab.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="already trained 2 epochs, more than epochs=1"):
+        pretrain(dict(SMALL, schedule="constant", lr=0.03, T=0.2, weight_decay=1e-4, out=str(out), resume=True),
+                 verbose=False)
+    with pytest.raises(CheckpointError, match="other settings.*m=0.99"):  # m is not one of lr, T, weight_decay
+        pretrain(dict(SMALL, schedule="constant", epochs=3, m=0.9, out=str(out), resume=True), verbose=False)
+
+
+def test_metrics_follow_the_run_and_any_run_file_needs_overwrite(tmp_path):
+    """metrics.json is rewritten after every epoch; a stale one goes at the start of an --overwrite run."""
+    import json
+
+    from mocolab.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"stale": true}')
+    (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # left by a killed save
+    (out / ".metrics.json.tmp").write_text("{")
+    with pytest.raises(CheckpointError, match="metrics.json already exists.*--overwrite"):
+        pretrain(dict(SMALL, out=str(out)), verbose=False)
+
+    def stop(epoch, hist):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(dict(SMALL, out=str(out), overwrite=True), on_epoch=stop, verbose=False)
+    assert not (out / "metrics.json").exists()  # the old run's metrics did not survive beside the new run
+    assert not list(out.glob(".*.tmp"))
+
+    seen = []
+
+    def peek(epoch, hist):
+        if epoch == 2:
+            seen.append(json.loads((out / "metrics.json").read_text()))
+    res = pretrain(dict(SMALL, epochs=2, out=str(out), overwrite=True), on_epoch=peek, verbose=False)
+    assert seen[0]["epochs"] == 1 and seen[0]["finished"] is False and "stale" not in seen[0]
+    assert res.metrics["finished"] is True and json.loads((out / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_a_second_run_on_one_out_is_refused(tmp_path):
+    from mocolab.checkpoint import RunDirectoryError, lock_run_dir
+
+    out = tmp_path / "run"
+    with lock_run_dir(out):  # a separate open file: flock refuses it even within one process
+        with pytest.raises(RunDirectoryError, match=f"run directory {out} is in use by process {os.getpid()}"):
+            pretrain(dict(SMALL, out=str(out)), verbose=False)
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_one_class_data_warns_that_the_knn_monitor_says_nothing(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 16)):
+        (tmp_path / split / "only").mkdir(parents=True)
+        for i in range(n):
+            pixels = g.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / split / "only" / f"{i}.png")
+    res = pretrain(dict(SMALL, data=f"imagefolder:{tmp_path}", limit=None, batch_size=16, K=32, knn_k=5),
+                   verbose=False)
+    assert res.metrics["knn_acc"] == 100.0
+    assert any("1 class" in w and "says nothing" in w for w in res.metrics["warnings"])
+    assert "warning: the data has 1 class" in capsys.readouterr().err
+
+
+# -- the GPU path, checked on the CPU: no host sync per step, checkpoint cadence, divergence guard ---------------
+def _no_sync_augment(x, generator=None):
+    """Views with per-image noise and no host read (BatchAugment is checked by its own tests)."""
+    x = x.float() / 255.0
+    return x + 0.1 * torch.rand(x.shape, generator=generator, device=x.device)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: EndToEnd(partial(ConvNet, width=4), dim=8),
+    lambda: moco(shuffle_bn="split", bn_splits=2),
+])
+def test_fit_steps_read_nothing_back_to_the_host(make):
+    """Without on_step, fit's loop reads no device value per step: two runs of 2 and 6 steps make the same
+    number of host reads (the epoch's one read of the losses, counts and finiteness flag)."""
+    from mocolab.syncs import count_host_syncs
+
+    images, _ = data(48)
+    counts = []
+    for steps in (2, 6):
+        with count_host_syncs() as syncs:
+            fit(make(), images[:8 * steps], _no_sync_augment, TrainConfig(epochs=1, batch_size=8, knn_every=0),
+                device="cpu", verbose=False)
+        counts.append(syncs.count)
+    assert counts[0] == counts[1] <= 1, syncs.sites
+    seen = []  # with on_step the loss is read each step, and handed over as a float
+    fit(make(), images[:16], _no_sync_augment, TrainConfig(epochs=1, batch_size=8, knn_every=0), device="cpu",
+        verbose=False, on_step=lambda st: seen.append(st.loss))
+    assert len(seen) == 2 and all(type(v) is float for v in seen)
+
+
+def test_checkpoint_cadence(tmp_path, monkeypatch):
+    import mocolab.train as train
+
+    images, _ = data()
+    written = []
+    real = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, state: (written.append(state["epoch"]),
+                                                                       real(path, state)))
+
+    def run(**kw):
+        written.clear()
+        fit(moco(), images, BatchAugment(16), TrainConfig(epochs=5, batch_size=16, knn_every=0, **kw), device="cpu",
+            verbose=False, checkpoint=tmp_path / "c.pt")
+        return list(written)
+    assert run() == [1, 2, 3, 4, 5]  # fit's default: every epoch
+    assert run(save_every=2) == [2, 4, 5]  # and always the last one
+    assert run(save_every=0) == [5]
+    assert run(save_every=0, save_every_seconds=1e-9) == [1, 2, 3, 4, 5]  # by time
+    with pytest.raises(ValueError, match="save_every"):
+        TrainConfig(save_every=-1)
+
+
+def test_interrupt_saves_the_last_finished_epoch_as_it_was(tmp_path):
+    """Ctrl-C during epoch 3 with no checkpoint due: epoch 2 is written as it was at its end, and resuming
+    from it gives the run that was never interrupted, bit for bit."""
+    from mocolab.checkpoint import load_checkpoint
+
+    images, _ = data()
+    cfg = TrainConfig(epochs=4, batch_size=8, knn_every=0, save_every=0, seed=1)
+    ref = moco()
+    fit(ref, images, BatchAugment(16), cfg, device="cpu", verbose=False)
+
+    def stop(st):
+        if st.epoch == 3 and st.step == 9:
+            raise KeyboardInterrupt
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(moco(), images, BatchAugment(16), cfg, device="cpu", verbose=False, checkpoint=ckpt, on_step=stop)
+    assert load_checkpoint(ckpt)["epoch"] == 2 and load_checkpoint(ckpt)["step"] == 8
+    model = moco()
+    fit(model, images, BatchAugment(16), cfg, device="cpu", verbose=False, checkpoint=ckpt, resume=ckpt)
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_divergence_guard_watches_buffers_and_never_saves_them(tmp_path):
+    """A BN running_var that turns infinite (the loss stays finite: training BN uses batch statistics) stops
+    the run at the end of that epoch; the last finite epoch is written, the bad state never."""
+    from mocolab.checkpoint import load_checkpoint
+    from mocolab.train import DivergenceError, NonFiniteLossError
+
+    images, _ = data()
+    model = moco()
+    bn = model.encoder_q.features[1][1]
+    calls = []
+
+    def augment(x, generator=None):
+        calls.append(1)
+        if len(calls) == 6:  # epoch 2 (4 steps per epoch)
+            bn.running_var[0] = float("inf")
+        return _no_sync_augment(x, generator)
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2 .*features\.1\.1\.running_var.*epoch 1 .*intact.*--lr") as err:
+        fit(model, images, augment, TrainConfig(epochs=4, batch_size=8, knn_every=0, save_every=0), device="cpu",
+            verbose=False, checkpoint=ckpt)
+    assert "loss became" not in str(err.value) and DivergenceError is NonFiniteLossError
+    state = load_checkpoint(ckpt)
+    assert state["epoch"] == 1
+    assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_cli_exits_nonzero_on_divergence_and_leaves_only_finite_checkpoints(tmp_path, capsys):
+    from mocolab.checkpoint import load_checkpoint
+    from mocolab.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--limit", "256", "--batch-size", "32", "--K", "128", "--epochs", "3", "--lr", "1e4",
+               "--schedule", "constant", "--device", "cpu", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "diverged" in err and "--lr" in err, err
+    if (out / "checkpoint.pt").exists():
+        state = load_checkpoint(out / "checkpoint.pt")
+        assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_sgd_is_fused_only_on_a_gpu():
+    opt = make_optimizer(moco(), TrainConfig())
+    assert not opt.param_groups[0].get("fused")
+
+
+@pytest.mark.parametrize("K, n, batch, symmetric, explicit, expect", [
+    (4096, 50000, 512, False, False, 4096),   # the CIFAR-10 recipe on all of CIFAR-10: as given
+    (4096, 3000, 256, False, False, 1024),    # the preset's K on 3,000 images: half an epoch's keys at most
+    (4096, 3000, 256, True, False, 2048),     # symmetric: 6,000 keys an epoch
+    (4096, 5000, 256, False, False, 2048),
+    (2048, 3000, 256, False, True, 2048),     # explicit and below the keys per epoch: as given
+    (512, 256, 32, False, False, 128),
+    (64, 3000, 64, False, False, 64),         # already small: as given
+])
+def test_choose_queue_size_follows_the_data(K, n, batch, symmetric, explicit, expect):
+    chosen, why = choose_queue_size(K, n, batch, symmetric=symmetric, explicit=explicit)
+    assert chosen == expect
+    assert (why is None) == (chosen == K)
+    if why is not None:
+        assert f"K {chosen}" in why and str(K) in why and str(n) in why
+    assert batch * (2 if symmetric else 1) <= chosen < n * (2 if symmetric else 1)
+
+
+def test_choose_queue_size_refuses_what_cannot_work():
+    with pytest.raises(ValueError, match=r"K 4096 is not below the 3000 keys.*e\.g\. 1024"):
+        choose_queue_size(4096, 3000, 256, explicit=True)
+    with pytest.raises(ValueError, match=r"K 256 is not below the 256 keys"):
+        choose_queue_size(256, 256, 64, explicit=True)
+    with pytest.raises(ValueError, match=r"too few for batch_size 256.*--batch-size to 64"):
+        choose_queue_size(4096, 256, 256)
+
+
+def test_pretrain_says_which_queue_size_it_chose(tmp_path, capsys):
+    r = pretrain(limit=200, epochs=1, batch_size=32, knn_every=0, device="cpu", out=str(tmp_path / "run"))
+    assert r.config["K"] == 64 and r.model.queue.shape[1] == 64
+    assert "queue size K 64 instead of the preset's 4096" in capsys.readouterr().out
+    assert "K 64" in r.metrics["queue_size"] and r.metrics["config"]["K"] == 64
+    # a resumption keeps the chosen K (the preset's 4096 is not "another setting")
+    r2 = pretrain(limit=200, epochs=2, batch_size=32, knn_every=0, device="cpu", out=str(tmp_path / "run"),
+                  resume=True)
+    assert r2.config["K"] == 64 and r2.metrics["epochs"] == 2
+    with pytest.raises(ValueError, match="K 4096 is not below the 200 keys"):
+        pretrain(limit=200, epochs=1, batch_size=32, K=4096, device="cpu")
