@@ -18,16 +18,25 @@ import time
 
 import torch
 
-from mocolab.data import (
-    BatchAugment,
-    TwoCropsTransform,
-    _IMAGEFOLDER_CACHE,
-    load_images,
-    make_shapes,
-    moco_v2_transform,
-    shared_cifar10_small,
-)
+from mocolab.augment import BatchAugment
+from mocolab.datasets import _IMAGEFOLDER_CACHE, load_images, normalization_stats, shared_cifar10_small
 from mocolab.device import get_device
+from mocolab.shapes import make_shapes
+
+
+def torchvision_v2(image_size: int = 32):
+    """The MoCo v2 recipe as torchvision PIL transforms (no blur at 32 px, as the official CIFAR-10 demo)."""
+    from torchvision import transforms as T
+
+    mean, std = normalization_stats(image_size)
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])  # fmt: skip
 
 
 def best_ms(fn, repeats: int, sync=lambda: None) -> float:
@@ -61,11 +70,11 @@ def main() -> None:
             aug = BatchAugment(size, preset=preset).to(device)
             ms = best_ms(lambda: aug(source), args.repeats, sync)
             print(f"BatchAugment {preset} {size:3d}px: {ms:8.2f} ms per batch ({n / ms * 1000:,.0f} images/s)")
-    pil = TwoCropsTransform(moco_v2_transform(32))
+    pil = torchvision_v2(32)
     from PIL import Image
 
     images = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in make_shapes(n)[0]]
-    ms = best_ms(lambda: [pil(im) for im in images], max(1, args.repeats // 2))
+    ms = best_ms(lambda: [(pil(im), pil(im)) for im in images], max(1, args.repeats // 2))
     print(f"torchvision PIL v2, two crops, 32px: {ms:8.2f} ms per batch (for comparison)")
     ms = best_ms(lambda: make_shapes(10_000), max(1, args.repeats // 2))
     print(f"make_shapes(10000) at 32px: {ms:8.1f} ms")

@@ -73,7 +73,7 @@ class OfficialMoCo(nn.Module):
         self._dequeue_and_enqueue(k)
         return logits, labels
 
-    def criterion(self, logits, labels):
+    def loss(self, logits, labels):
         return F.cross_entropy(logits, labels)
 
 

@@ -39,11 +39,12 @@ from functools import partial
 import torch
 
 os.environ.setdefault("MOCOLAB_QUIET", "1")  # no progress bars
-from mocolab.data import BatchAugment
+from mocolab.augment import BatchAugment
 from mocolab.device import get_device
 from mocolab.encoders import ConvNet
 from mocolab.moco import MoCo
-from mocolab.train import TrainConfig, build_model, fit, make_optimizer, resolve_config
+from mocolab.pretrain import build_model, resolve_config
+from mocolab.train import TrainConfig, fit, make_optimizer
 
 try:  # the library's counter, where it has one
     from mocolab.syncs import count_host_syncs as _library_counter

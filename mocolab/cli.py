@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mocolab`` command."""
     from .encoders import ENCODERS
     from .moco import SHUFFLE_BN_MODES
-    from .train import DEFAULTS, PRESETS, VERSIONS
+    from .pretrain import DEFAULTS, PRESETS, VERSIONS
 
     parser = argparse.ArgumentParser(prog="mocolab", description="mocolab: contrastive self-supervised learning "
                                      "up to Momentum Contrast (MoCo).")
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from .checkpoint import CheckpointError
-    from .train import NonFiniteLossError, pretrain, resolve_config
+    from .pretrain import pretrain, resolve_config
+    from .train import NonFiniteLossError
 
     options = {key: getattr(args, attr) for attr, key in _KEYS.items()}
     options = {k: v for k, v in options.items() if v is not None}

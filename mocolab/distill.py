@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .interface import ContrastiveModel
 from .losses import check_temperature, infonce_logits
+from .momentum import freeze
 from .queue import KeyQueue
 
 __all__ = ["ContrastiveDistill", "DISTILL_LOSSES"]
@@ -29,7 +31,7 @@ __all__ = ["ContrastiveDistill", "DISTILL_LOSSES"]
 DISTILL_LOSSES = ("crd", "l2")
 
 
-class ContrastiveDistill(KeyQueue):
+class ContrastiveDistill(ContrastiveModel, KeyQueue):
     """Distil a frozen teacher into a student, contrastively (CRD) or by feature regression (L2).
 
     Both losses see the same logits: ``q = normalize(student(x))``, ``k = normalize(teacher(x))``
@@ -48,7 +50,7 @@ class ContrastiveDistill(KeyQueue):
         dim: C, the output dimension shared by both (checked on the first batch).
         K: queue size (teacher keys of earlier images).
         T: temperature > 0.
-        loss: ``"crd"`` or ``"l2"``.
+        loss: ``"crd"`` or ``"l2"`` (kept as ``loss_type``).
         teacher_view: ``"same"`` (the teacher sees the student's input ``im_q``, as in CRD) or
             ``"other"`` (the teacher sees the second crop ``im_k``).
         queue_init: ``"random"`` or ``"empty"`` (see :class:`~mocolab.queue.KeyQueue`).
@@ -69,11 +71,9 @@ class ContrastiveDistill(KeyQueue):
         if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
             raise ValueError("student and teacher must be torch.nn.Module instances")
         super().__init__(dim, K, init=queue_init)
-        self.T, self.loss, self.teacher_view = check_temperature(T), loss, teacher_view
+        self.T, self.loss_type, self.teacher_view = check_temperature(T), loss, teacher_view
         self.encoder_q = student
-        self.encoder_k = teacher
-        for p in self.encoder_k.parameters():
-            p.requires_grad = False
+        self.encoder_k = freeze(teacher)
         self.encoder_k.eval()
 
     def train(self, mode: bool = True):
@@ -81,6 +81,11 @@ class ContrastiveDistill(KeyQueue):
         super().train(mode)
         self.encoder_k.eval()
         return self
+
+    def compile_encoders(self) -> None:
+        """``Module.compile`` the student and the teacher, in place."""
+        self.encoder_q.compile()
+        self.encoder_k.compile()
 
     def _check(self, z: torch.Tensor, who: str, n: int) -> None:
         if z.dim() != 2 or z.shape != (n, self.queue.shape[0]):
@@ -103,13 +108,12 @@ class ContrastiveDistill(KeyQueue):
             k = F.normalize(k.float(), dim=1)  # (N, C)
         q = self.encoder_q(im_q)
         self._check(q, "student", n)
-        q = F.normalize(q, dim=1)  # (N, C)
-        logits, labels = infonce_logits(q, k.to(q.dtype), self.negatives().clone().to(q.dtype), self.T)  # (N, 1+K)
+        logits, labels = infonce_logits(q, k, self.negatives().clone(), self.T, normalize=True)  # (N, 1+K)
         self.enqueue(k, index)
         return logits, labels
 
-    def criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """CRD: cross-entropy over the 1 + K candidates; L2: mean ‖q − k‖² from the positive logit."""
-        if self.loss == "crd":
+        if self.loss_type == "crd":
             return F.cross_entropy(logits, labels)
         return (2.0 - 2.0 * self.T * logits[:, 0]).mean()

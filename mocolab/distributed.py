@@ -26,11 +26,39 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .shuffle_bn import rank, world_size
+__all__ = ["world_size", "rank", "concat_all_gather", "init_from_env", "cleanup", "is_main_process", "shard",
+           "wrap_encoder_q", "unwrap_encoder_q", "broadcast_module", "all_gather_objects", "all_reduce_mean", "barrier",
+           "env_world_size"]
 
-__all__ = ["init_from_env", "cleanup", "is_main_process", "shard", "wrap_encoder_q", "unwrap_encoder_q",
-           "broadcast_module", "all_gather_objects", "all_reduce_mean", "barrier", "env_world_size",
-           "rank", "world_size"]
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """W, the number of processes (1 with no process group)."""
+    return dist.get_world_size() if _dist_on() else 1
+
+
+def rank() -> int:
+    """r, this process's rank (0 with no process group)."""
+    return dist.get_rank() if _dist_on() else 0
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0 (no gradient).
+
+    With no process group, or one rank, returns ``x`` itself.
+
+    Shape:
+        (N, ...) -> (W·N, ...)
+    """
+    if world_size() == 1:
+        return x
+    gathered = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(gathered, x.contiguous())
+    return torch.cat(gathered, dim=0)
 
 
 def env_world_size() -> int:

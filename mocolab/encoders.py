@@ -18,7 +18,9 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["ConvNet", "cifar_resnet18", "torchvision_resnet", "MLPHead", "add_mlp_head", "backbone",
+from .checks import positive_int
+
+__all__ = ["ConvNet", "cifar_resnet18", "torchvision_resnet", "add_mlp_head", "backbone",
            "build_encoder", "ENCODERS"]
 
 
@@ -46,10 +48,8 @@ class ConvNet(nn.Module):
 
     def __init__(self, num_classes: int = 128, width: int = 32, in_channels: int = 3):
         super().__init__()
-        for name, v in (("num_classes", num_classes), ("width", width), ("in_channels", in_channels)):
-            if int(v) <= 0:
-                raise ValueError(f"ConvNet: {name} must be a positive integer, got {v}")
-        w = width
+        num_classes, w = positive_int(num_classes, "ConvNet num_classes"), positive_int(width, "ConvNet width")
+        in_channels = positive_int(in_channels, "ConvNet in_channels")
         self.features = nn.Sequential(
             _block(in_channels, w, pool=True),   # 32 -> 16
             _block(w, 2 * w, pool=True),         # 16 -> 8
@@ -94,20 +94,6 @@ def torchvision_resnet(name: str = "resnet50", num_classes: int = 128, **kwargs)
     net = getattr(tvm, name)(num_classes=num_classes, **kwargs)
     net.feature_dim = net.fc.in_features
     return net
-
-
-class MLPHead(nn.Sequential):
-    """Projection head ``Linear(in, hidden) -> ReLU -> Linear(hidden, out)`` (MoCo v2, SimCLR).
-
-    Shape:
-        (N, in_dim) -> (N, out_dim)
-    """
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
-        for name, v in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
-            if int(v) <= 0:
-                raise ValueError(f"MLPHead: {name} must be a positive integer, got {v}")
-        super().__init__(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
 def add_mlp_head(encoder: nn.Module) -> nn.Module:

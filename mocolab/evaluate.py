@@ -9,6 +9,7 @@ similarity), each vote weighted by ``exp(sim / t)`` with t = 0.1.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Callable
 
@@ -16,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import normalize
+from .checks import choice, finite_positive, in_range, positive_int
+from .datasets import balanced_subset, normalization_stats
 from .losses import check_temperature
 
 __all__ = ["extract_features", "knn_predict", "knn_accuracy", "linear_probe", "evaluate_knn", "per_class_subset",
@@ -32,7 +36,7 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int =
 
     Args:
         encoder: any module mapping (B, 3, H, W) to (B, C).
-        images: uint8 (N, 3, H, W) (normalised with :func:`mocolab.data.normalize`) or float, already preprocessed.
+        images: uint8 (N, 3, H, W) (normalised with :func:`mocolab.augment.normalize`) or float, already preprocessed.
         preprocess: overrides the default preprocessing of each batch.
         normalize_features: L2-normalise the features (the kNN monitor works on the sphere).
         amp: run the encoder under bf16 autocast (the features are returned in float32).
@@ -43,21 +47,17 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int =
     Shape:
         (N, 3, H, W) -> (N, C)
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = positive_int(batch_size, "batch_size")
     if device is None:
         device = next(encoder.parameters()).device
     device = torch.device(device)
-    if preprocess is None and images.dtype == torch.uint8 and (images.dim() != 4 or images.shape[1] != 3):
-        from .data import normalize as preprocess  # which says what is wrong with the images
-    elif preprocess is None and images.dtype == torch.uint8:
-        from .data import normalization_stats
-
-        mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)
-                     for v in normalization_stats(images.shape[-1]))
-
-        def preprocess(x):  # mocolab.data.normalize, with its statistics built once
-            return (x.float() / 255.0 - mean) / std
+    if preprocess is None and images.dtype == torch.uint8:
+        if images.dim() != 4 or images.shape[1] != 3:
+            preprocess = normalize  # which says what is wrong with the images
+        else:  # normalize, with its statistics built once, on the device
+            mean, std = (torch.tensor(v, dtype=torch.float32, device=device)
+                         for v in normalization_stats(images.shape[-1]))
+            preprocess = functools.partial(normalize, mean=mean, std=std)
     was_training = encoder.training
     encoder.eval()
     feats = []
@@ -159,10 +159,9 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     Raises:
         ValueError: non-positive epochs / lr / batch size or an unknown optimizer.
     """
-    if epochs < 1 or lr <= 0 or batch_size < 1:
-        raise ValueError(f"epochs, lr and batch_size must be positive, got {epochs}, {lr}, {batch_size}")
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
+    lr = finite_positive(lr, "lr")
+    choice(optimizer, "optimizer", ("sgd", "adam"))
     g = torch.Generator().manual_seed(seed)
     xtr, xte = train_features.float().to(device), test_features.float().to(device)
     ytr, yte = train_labels.to(device), test_labels.to(device)
@@ -204,17 +203,12 @@ def per_class_subset(labels: torch.Tensor, per_class: int, seed: int = 0) -> tor
     Raises:
         ValueError: ``per_class`` < 1, or a class with fewer than ``per_class`` items.
     """
-    if isinstance(per_class, bool) or int(per_class) != per_class or per_class < 1:
-        raise ValueError(f"per_class must be an integer >= 1, got {per_class!r}")
-    labels = torch.as_tensor(labels).cpu()
-    g = torch.Generator().manual_seed(seed)
-    chosen = []
-    for c in labels.unique():
-        idx = torch.nonzero(labels == c).flatten()  # (n_c,)
-        if idx.numel() < per_class:
-            raise ValueError(f"class {int(c)} has only {idx.numel()} items, fewer than per_class={per_class}")
-        chosen.append(idx[torch.randperm(idx.numel(), generator=g)[:int(per_class)]])
-    return torch.cat(chosen).sort().values
+    per_class = positive_int(per_class, "per_class")
+    classes, counts = torch.as_tensor(labels).cpu().unique(return_counts=True)
+    if len(counts) and int(counts.min()) < per_class:
+        c = int(counts.argmin())
+        raise ValueError(f"class {int(classes[c])} has only {int(counts[c])} items, fewer than per_class={per_class}")
+    return balanced_subset(labels, per_class * len(classes), seed)  # per_class of every class
 
 
 def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -261,9 +255,9 @@ def train_supervised(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     if images.dim() != 4 or n != int(labels.shape[0]) or n == 0:
         raise ValueError(f"images (N, 3, H, W) and labels (N,) must match and be non-empty, got "
                          f"{tuple(images.shape)} and {tuple(labels.shape)}")
-    if epochs < 1 or batch_size < 1 or not lr > 0 or (steps is not None and steps < 1):
-        raise ValueError(f"epochs, batch_size, lr and steps must be positive, "
-                         f"got {epochs}, {batch_size}, {lr}, {steps}")
+    epochs, batch_size = positive_int(epochs, "epochs"), positive_int(batch_size, "batch_size")
+    lr = finite_positive(lr, "lr")
+    steps = None if steps is None else positive_int(steps, "steps")
     dev = device if isinstance(device, torch.device) else get_device(device, verbose=verbose)
     batch = min(int(batch_size), n)
     total = int(steps) if steps is not None else epochs * (n // batch)
@@ -308,12 +302,9 @@ def accuracy_noise(acc: float, num_test: int) -> float:
     Raises:
         ValueError: ``num_test`` < 1 or ``acc`` outside [0, 100].
     """
-    if int(num_test) < 1:
-        raise ValueError(f"num_test must be >= 1, got {num_test}")
-    if not 0.0 <= float(acc) <= 100.0:
-        raise ValueError(f"acc is a percentage in [0, 100], got {acc}")
-    p = min(max(float(acc) / 100.0, 0.01), 0.99)
-    return 100.0 * 2.0 * math.sqrt(2.0 * p * (1.0 - p) / int(num_test))
+    num_test = positive_int(num_test, "num_test")
+    p = min(max(in_range(acc, "acc (a percentage)", 0.0, 100.0) / 100.0, 0.01), 0.99)
+    return 100.0 * 2.0 * math.sqrt(2.0 * p * (1.0 - p) / num_test)
 
 
 def compare_accuracies(name: str, acc: float, ref_name: str, ref: float, num_test: int) -> str:

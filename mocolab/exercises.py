@@ -540,7 +540,7 @@ def temperature_for_mass(similarities, mass: float = 0.5) -> float:
     Raises:
         ValueError: the positive is not strictly the largest similarity, or ``mass`` is outside (1 / (K + 1), 1).
     """
-    from .widgets import _as_1d, temperature_softmax
+    from .metrics import _as_1d, temperature_softmax
 
     s = _as_1d(similarities, "similarities")
     if s.shape[0] < 2 or not s[0] > s[1:].max():
@@ -583,13 +583,15 @@ def half_mass_temperature(prediction=None, similarities=None, *, K: int = 16, se
     Args:
         prediction: the learner's guess of T (None: no guess yet).
         similarities: (K + 1,) cosines, positive first; default
-            :func:`mocolab.widgets.default_similarities` (K negatives, ``seed``).
+            :func:`mocolab.metrics.default_similarities` (K negatives, ``seed``).
         mass: the positive's probability to reach (default ½).
 
     Returns:
         the widget (an ``ipywidgets.VBox`` with ``.controls["T"]`` and ``.output``), or None headless.
     """
-    from .widgets import _as_1d, _explorer, default_similarities, plot_temperature_softmax, temperature_softmax
+    from .metrics import _as_1d, default_similarities, temperature_softmax
+    from .plotting import plot_temperature_softmax
+    from .widgets import _explorer
 
     sims = default_similarities(K, seed) if similarities is None else _as_1d(similarities, "similarities")
     answer = temperature_for_mass(sims, mass)
@@ -1028,7 +1030,7 @@ def _check_moco_step(fn) -> str:
                                  F.normalize(copy.deepcopy(moco.encoder_k)(im_k), dim=1).detach(), atol=1e-5)
         # one optimizer step on both, so that θq moves and the momentum matters
         opt_o.zero_grad()
-        moco.criterion(exp_logits, torch.zeros(n, dtype=torch.long)).backward()
+        moco.loss(exp_logits, torch.zeros(n, dtype=torch.long)).backward()
         opt_o.step()
         opt_l.step()
     return (f"logits, labels, key encoder, queue and pointer after each of {steps} training steps against "

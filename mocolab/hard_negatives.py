@@ -4,7 +4,8 @@ Letters: N batch size, C feature dim, K queue size, S synthesized negatives per 
 (s pair mixes + s' query mixes), H hardest negatives kept per query, k clusters, B batches.
 
 Three MoCo variants that keep MoCo's query/key encoders and queue and change only
-the negative term (all with the same training interface as :class:`~mocolab.moco.MoCo`):
+the negative term (all with the same training interface as :class:`~mocolab.moco.MoCo`; each
+changes only :meth:`~mocolab.moco.MoCo.contrast` or :meth:`~mocolab.moco.MoCo.loss`):
 
 - :class:`MoCHi` — Kalantidis et al. (2020), "Hard Negative Mixing for Contrastive
   Learning" (NeurIPS, arXiv 2010.01028): per query, new negatives are synthesized by
@@ -23,26 +24,19 @@ the negative term (all with the same training interface as :class:`~mocolab.moco
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import in_range, integer as _check_int
+from .kmeans import KMeansResult, kmeans
 from .losses import debiased_infonce_loss
 from .moco import MoCo
 
-__all__ = ["HardNegatives", "mix_hard_negatives", "MoCHi", "DebiasedMoCo", "KMeansResult", "kmeans",
-           "false_negative_rate", "ClusterMoCo"]
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    """``value`` as an int, or ``ValueError`` unless it is a whole number >= ``minimum``."""
-    whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not whole or int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+__all__ = ["HardNegatives", "mix_hard_negatives", "StepCountingMoCo", "MoCHi", "DebiasedMoCo", "KMeansResult",
+           "kmeans", "false_negative_rate", "ClusterMoCo"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,8 +95,7 @@ def mix_hard_negatives(q: torch.Tensor, negatives: torch.Tensor, n_hard: int, s:
     n_hard = _check_int(n_hard, "n_hard (hardest negatives to mix, N in the paper)", 1)
     s = _check_int(s, "s (pair mixes per query)", 0)
     s_prime = _check_int(s_prime, "s_prime (query mixes per query)", 0)
-    if not 0.0 < float(beta_max) <= 0.5:
-        raise ValueError(f"beta_max must be in (0, 0.5] (the query must weigh less than the negative), got {beta_max}")
+    in_range(beta_max, "beta_max", 0.0, 0.5, low_open=True, why="the query must weigh less than the negative")
     if q.dim() != 2 or negatives.dim() != 2 or negatives.shape[0] != q.shape[1]:
         raise ValueError(f"q must be (N, C) and negatives (C, K) with the same C, got {tuple(q.shape)} "
                          f"and {tuple(negatives.shape)}")
@@ -128,7 +121,38 @@ def mix_hard_negatives(q: torch.Tensor, negatives: torch.Tensor, n_hard: int, s:
     return HardNegatives(torch.cat([h_pair, h_query], dim=1), alpha, beta, hard_index)
 
 
-class MoCHi(MoCo):
+class StepCountingMoCo(MoCo):
+    """MoCo that counts its training steps (forwards in training mode) in the buffer ``step_count``.
+
+    The counter is in the state dict, so a resumed run continues the warm-up and re-clustering schedules
+    where it stopped. A host copy saves a device read per step.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self._steps: int | None = 0  # host mirror of step_count; None: read it at the next use
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._steps = None
+
+    @property
+    def steps_done(self) -> int:
+        """Training steps done so far."""
+        if self._steps is None:
+            self._steps = int(self.step_count)
+        return self._steps
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None):
+        out = super().forward(im_q, im_k, index=index)
+        if self.training:
+            self._steps = self.steps_done + 1
+            self.step_count.fill_(self._steps)
+        return out
+
+
+class MoCHi(StepCountingMoCo):
     """MoCo with hard negative mixing (MoCHi, Kalantidis et al. 2020, arXiv 2010.01028).
 
     Each query's logits get ``s + s'`` extra columns, the similarities to negatives
@@ -160,14 +184,11 @@ class MoCHi(MoCo):
         self._mochi_args = (_check_int(n_hard, "n_hard (hardest negatives to mix)", 1),
                             _check_int(s, "s (pair mixes per query)", 0),
                             _check_int(s_prime, "s_prime (query mixes per query)", 0))
-        if not 0.0 < float(beta_max) <= 0.5:
-            raise ValueError(f"beta_max must be in (0, 0.5] (the query must weigh less than the negative), "
-                             f"got {beta_max}")
+        in_range(beta_max, "beta_max", 0.0, 0.5, low_open=True, why="the query must weigh less than the negative")
         self.warmup_steps = _check_int(warmup_steps, "warmup_steps", 0)
         super().__init__(base_encoder, dim, K, m, T, mlp, **moco_kwargs)
         self.n_hard, self.s, self.s_prime = self._mochi_args
         self.beta_max = float(beta_max)
-        self.steps_done = 0
         self.last_mix: HardNegatives | None = None
 
     @property
@@ -180,21 +201,14 @@ class MoCHi(MoCo):
         """Whether the next forward appends synthetic negatives."""
         return self.steps_done >= self.warmup_steps and self.num_synthetic > 0
 
-    def _contrast(self, im_q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # (N, C)
-        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
-        l_neg = torch.einsum("nc,ck->nk", q, negatives)  # (N, K)
-        parts = [l_pos, l_neg]
-        if self.mixing:
-            self.last_mix = mix_hard_negatives(q, negatives, self.n_hard, self.s, self.s_prime, self.beta_max)
-            parts.append(torch.einsum("nc,nsc->ns", q, self.last_mix.h))  # (N, S), gradient to q only
-        return torch.cat(parts, dim=1) / self.T  # (N, 1+K[+S])
-
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None):
-        out = super().forward(im_q, im_k, index=index)
-        if self.training:
-            self.steps_done += 1
-        return out
+    def contrast(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
+                 index: torch.Tensor | None = None) -> torch.Tensor:
+        """MoCo's logits, with the s + s' synthetic negatives of each query after the K queue columns."""
+        if self.mixing:  # the synthetic points are constants: the gradient flows to q only
+            q_unit = F.normalize(q.detach().to(negatives.dtype), dim=1)  # (N, C)
+            self.last_mix = mix_hard_negatives(q_unit, negatives, self.n_hard, self.s, self.s_prime, self.beta_max)
+            negatives = (negatives, self.last_mix.h)  # (C, K) and (N, S, C)
+        return super().contrast(q, k, negatives, index)  # (N, 1+K[+S])
 
 
 # ------------------------------------------------------------------------------------------
@@ -205,7 +219,7 @@ class MoCHi(MoCo):
 class DebiasedMoCo(MoCo):
     """MoCo trained with the debiased contrastive loss (Chuang et al. 2020, arXiv 2007.00224).
 
-    The forward pass is MoCo's; only :meth:`criterion` changes, to
+    The forward pass is MoCo's; only :meth:`loss` changes, to
     :func:`~mocolab.losses.debiased_infonce_loss` with class prior ``tau_plus``
     (for C balanced classes, τ⁺ ≈ 1/C). With ``tau_plus=0`` it is MoCo (up to the clamp).
 
@@ -222,16 +236,11 @@ class DebiasedMoCo(MoCo):
 
     def __init__(self, base_encoder: Callable[..., nn.Module], dim: int = 128, K: int = 65536, m: float = 0.999,
                  T: float = 0.07, mlp: bool = False, *, tau_plus: float = 0.1, **moco_kwargs):
-        try:
-            tau_plus = float(tau_plus)
-        except (TypeError, ValueError):
-            raise ValueError(f"tau_plus must be a number in [0, 1), got {tau_plus!r}") from None
-        if not 0.0 <= tau_plus < 1.0:
-            raise ValueError(f"tau_plus (the class prior τ⁺) must be in [0, 1), got {tau_plus}")
+        tau_plus = in_range(tau_plus, "tau_plus (the class prior τ⁺)", 0.0, 1.0, high_open=True)
         super().__init__(base_encoder, dim, K, m, T, mlp, **moco_kwargs)
         self.tau_plus = tau_plus
 
-    def criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Debiased loss over the 1 + K candidates (positive at index 0; ×2 when symmetric, as MoCo)."""
         loss = debiased_infonce_loss(logits, self.tau_plus, self.T)
         return 2.0 * loss if self.symmetric else loss
@@ -240,99 +249,6 @@ class DebiasedMoCo(MoCo):
 # ------------------------------------------------------------------------------------------
 # k-means and clustering-aware negatives
 # ------------------------------------------------------------------------------------------
-
-
-class KMeansResult(NamedTuple):
-    """Result of :func:`kmeans`.
-
-    Attributes:
-        centroids: (B, k, C) or (k, C).
-        assignments: (B, N) or (N,), the cluster of each point.
-        inertia: (B,) or scalar, the sum of squared distances to the assigned centroids
-            (1 − cosine for ``spherical=True``).
-    """
-
-    centroids: torch.Tensor
-    assignments: torch.Tensor
-    inertia: torch.Tensor
-
-
-def _kmeanspp_init(x: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007), batched. x (B, N, C) -> (B, k, C)."""
-    b, n, _ = x.shape
-    ar = torch.arange(b, device=x.device)
-    first = torch.randint(n, (b,), device=x.device, generator=generator)
-    centroids = [x[ar, first]]  # (B, C)
-    d2 = (x - centroids[0][:, None]).pow(2).sum(-1)  # (B, N), squared distance to the nearest centroid
-    for _ in range(1, k):
-        w = d2.clamp_min(0)
-        w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))  # all points equal: uniform
-        nxt = torch.multinomial(w, 1, generator=generator)[:, 0]  # (B,)
-        centroids.append(x[ar, nxt])
-        d2 = torch.minimum(d2, (x - centroids[-1][:, None]).pow(2).sum(-1))
-    return torch.stack(centroids, dim=1)  # (B, k, C)
-
-
-@torch.no_grad()
-def kmeans(x: torch.Tensor, k: int, iters: int = 20, spherical: bool = False, tol: float = 1e-6,
-           generator: torch.Generator | None = None) -> KMeansResult:
-    """Lloyd's k-means with k-means++ seeding, in torch, on one or a batch of point sets.
-
-    With ``spherical=True`` points and centroids are compared by cosine similarity and
-    centroids are renormalised to unit length after each update (for L2-normalised keys).
-    An empty cluster keeps its previous centroid.
-
-    Args:
-        x: points; a leading batch dimension runs B independent k-means at once.
-        k: number of clusters, 1 ≤ k ≤ N.
-        iters: maximum Lloyd iterations (≥ 1); stops early when centroids move less than ``tol``.
-        spherical: cosine k-means (points are L2-normalised first).
-        tol: convergence threshold on the largest centroid move.
-        generator: optional ``torch.Generator`` (on x's device) for the seeding.
-
-    Shape:
-        x: (N, C) or (B, N, C) -> centroids (k, C) / (B, k, C), assignments (N,) / (B, N).
-
-    Raises:
-        ValueError: x not 2-D or 3-D, k outside [1, N], iters < 1.
-    """
-    if x.dim() not in (2, 3):
-        raise ValueError(f"x must be (N, C) or (B, N, C), got {tuple(x.shape)}")
-    batched = x.dim() == 3
-    xb = (x if batched else x[None]).float()  # (B, N, C)
-    n = xb.shape[1]
-    k = _check_int(k, "k (number of clusters)", 1)
-    if k > n:
-        raise ValueError(f"k (number of clusters) must be <= the number of points N = {n}, got {k}")
-    iters = _check_int(iters, "iters", 1)
-    if spherical:
-        xb = F.normalize(xb, dim=2)
-    c = _kmeanspp_init(xb, k, generator)  # (B, k, C)
-    for _ in range(iters):
-        if spherical:
-            assign = torch.einsum("bnc,bkc->bnk", xb, c).argmax(dim=2)  # (B, N)
-        else:
-            assign = torch.cdist(xb, c).argmin(dim=2)  # (B, N)
-        sums = torch.zeros_like(c).scatter_add_(1, assign[..., None].expand_as(xb), xb)  # (B, k, C)
-        counts = torch.zeros(c.shape[:2], device=x.device).scatter_add_(1, assign, torch.ones_like(assign, dtype=c.dtype))
-        new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], c)  # (B, k, C)
-        if spherical:
-            new = F.normalize(new, dim=2)
-        moved = (new - c).norm(dim=2).max()
-        c = new
-        if moved <= tol:
-            break
-    if spherical:
-        sim = torch.einsum("bnc,bkc->bnk", xb, c)  # (B, N, k)
-        assign = sim.argmax(dim=2)
-        inertia = (1 - sim.gather(2, assign[..., None])[..., 0]).sum(dim=1)  # (B,)
-    else:
-        d = torch.cdist(xb, c)  # (B, N, k)
-        assign = d.argmin(dim=2)
-        inertia = d.gather(2, assign[..., None])[..., 0].pow(2).sum(dim=1)
-    if not batched:
-        return KMeansResult(c[0], assign[0], inertia[0])
-    return KMeansResult(c, assign, inertia)
 
 
 def false_negative_rate(query_labels: torch.Tensor, negative_labels: torch.Tensor,
@@ -373,7 +289,7 @@ def false_negative_rate(query_labels: torch.Tensor, negative_labels: torch.Tenso
     return float((w * same).sum()) / total if total > 0 else math.nan
 
 
-class ClusterMoCo(MoCo):
+class ClusterMoCo(StepCountingMoCo):
     """MoCo whose negatives from the query's own k-means cluster are dropped or down-weighted.
 
     In the spirit of Local Aggregation (Zhuang et al. 2019, ICCV), which treats a sample's
@@ -411,19 +327,12 @@ class ClusterMoCo(MoCo):
         self.recluster_every = _check_int(recluster_every, "recluster_every", 1)
         self.kmeans_iters = _check_int(kmeans_iters, "kmeans_iters", 1)
         self.warmup_steps = _check_int(warmup_steps, "warmup_steps", 0)
-        try:
-            w = float(same_cluster_weight)
-        except (TypeError, ValueError):
-            raise ValueError(f"same_cluster_weight must be a number in [0, 1], got {same_cluster_weight!r}") from None
-        if not 0.0 <= w <= 1.0:
-            raise ValueError(f"same_cluster_weight must be in [0, 1] (0 drops, 1 keeps), got {same_cluster_weight}")
+        w = in_range(same_cluster_weight, "same_cluster_weight", 0.0, 1.0, why="0 drops, 1 keeps")
         super().__init__(base_encoder, dim, K, m, T, mlp, **moco_kwargs)
         self.num_clusters, self.same_cluster_weight = num_clusters, w
         self.register_buffer("centroids", torch.zeros(num_clusters, dim))  # (k, C)
         self.register_buffer("has_centroids", torch.zeros((), dtype=torch.bool))
         self.register_buffer("class_labels", torch.empty(0, dtype=torch.long), persistent=False)
-        self.steps_done = 0
-        self._index: torch.Tensor | None = None
         self.reset_false_negative_stats()
 
     def set_class_labels(self, labels: torch.Tensor | None) -> None:
@@ -461,21 +370,21 @@ class ClusterMoCo(MoCo):
         same = cq[:, None] == cn[None, :]  # (N, K)
         return torch.where(same, q.new_tensor(self.same_cluster_weight), q.new_tensor(1.0))
 
-    def _contrast(self, im_q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # (N, C)
-        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
-        l_neg = torch.einsum("nc,ck->nk", q, negatives) / self.T  # (N, K)
-        w = self.negative_weights(q.detach(), negatives)  # (N, K)
+    def contrast(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
+                 index: torch.Tensor | None = None) -> torch.Tensor:
+        """MoCo's logits, each negative's plus ln w (w: 1, or ``same_cluster_weight`` in the query's cluster)."""
+        logits = super().contrast(q, k, negatives, index)  # (N, 1+K)
+        w = self.negative_weights(F.normalize(q.detach().to(negatives.dtype), dim=1), negatives)  # (N, K)
+        self._count_false_negatives(w, negatives.shape[1], index)
         if self.same_cluster_weight < 1.0:
-            l_neg = l_neg + torch.log(w)  # ln 0 = -inf drops the negative
-        self._count_false_negatives(w, negatives.shape[1])
-        return torch.cat([l_pos / self.T, l_neg], dim=1)  # (N, 1+K)
+            logits = logits + torch.log(F.pad(w, (1, 0), value=1.0))  # ln 0 = -inf drops the negative
+        return logits
 
     @torch.no_grad()
-    def _count_false_negatives(self, w: torch.Tensor, k_valid: int) -> None:
-        if self._index is None or self.class_labels.numel() == 0 or not self.training:
+    def _count_false_negatives(self, w: torch.Tensor, k_valid: int, index: torch.Tensor | None) -> None:
+        if index is None or self.class_labels.numel() == 0 or not self.training:
             return
-        yq = self.class_labels[self._index]  # (N,)
+        yq = self.class_labels[index]  # (N,)
         qi = self.queue_index[:k_valid]  # (K,)
         yn = torch.where(qi >= 0, self.class_labels[qi.clamp_min(0)], torch.full_like(qi, -1))  # (K,)
         valid = (yn >= 0).to(w.dtype)[None, :]  # (1, K)
@@ -489,11 +398,4 @@ class ClusterMoCo(MoCo):
         since = self.steps_done - self.warmup_steps
         if self.training and since >= 0 and since % self.recluster_every == 0:
             self.recluster()
-        self._index = index
-        try:
-            out = super().forward(im_q, im_k, index=index)
-        finally:
-            self._index = None
-        if self.training:
-            self.steps_done += 1
-        return out
+        return super().forward(im_q, im_k, index=index)

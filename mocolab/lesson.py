@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .data import load_images
+from .datasets import load_images
 from .device import get_device, seed_everything
 from .evaluate import accuracy_noise
 
@@ -202,7 +202,7 @@ def _positive_int_or_none(value) -> bool:
 
 def _rule(name: str):
     """``(check, what is allowed)`` for a notebook parameter, from its name."""
-    from .data import BatchAugment
+    from .augment import BatchAugment
 
     if name.startswith("NUM_") or "_NUM_" in name:
         return _positive_int_or_none, "a positive integer (a number of images), or None for all"
@@ -224,7 +224,7 @@ def check_parameters(**params) -> None:
     """Check a notebook's parameters before anything runs; the error names the parameter the learner set.
 
     Rules follow the names: ``NUM_*`` a positive integer or None; ``IMAGE_SIZE`` an integer >= 8 or None;
-    ``AUGMENTATION`` a :class:`~mocolab.data.BatchAugment` preset; ``EPOCHS``, ``BATCH_SIZE``, ``K``,
+    ``AUGMENTATION`` a :class:`~mocolab.augment.BatchAugment` preset; ``EPOCHS``, ``BATCH_SIZE``, ``K``,
     ``BN_SPLITS``, ``WIDTH``, ``DIM`` positive integers; ``KNN_EVERY``, ``SEED`` integers >= 0;
     ``T`` a finite number > 0.
 

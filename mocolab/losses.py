@@ -14,14 +14,17 @@ Letters: N batch size, C feature dim, K number of negatives, M memory-bank size.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["check_temperature", "margin_contrastive_loss", "npair_loss", "infonce_logits", "infonce_loss",
-           "nce_loss", "NCECriterion", "debiased_infonce_loss", "debiased_negative_term"]
+from .checks import in_range
+
+__all__ = ["check_temperature", "margin_contrastive_loss", "margin_loss_of_distances", "npair_loss", "infonce_logits",
+           "infonce_loss", "nce_loss", "NCECriterion", "debiased_infonce_loss", "debiased_negative_term"]
 
 
 def check_temperature(T: float, name: str = "T") -> float:
@@ -62,8 +65,13 @@ def margin_contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor,
     bad = y[(y != 0) & (y != 1)]
     if bad.numel():
         raise ValueError(f"y must be 0 (similar pair) or 1 (dissimilar pair), got {sorted(set(bad.tolist()))[:5]}")
-    y = y.to(x1.dtype)
-    d = (x1 - x2).pow(2).sum(dim=1).clamp_min(1e-12).sqrt()  # (N,)
+    return margin_loss_of_distances((x1 - x2).pow(2).sum(dim=1), y, margin)
+
+
+def margin_loss_of_distances(d2: torch.Tensor, y: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """:func:`margin_contrastive_loss` of pairs given by their squared distances ``d2`` = D², (N,) -> a scalar."""
+    y = y.to(d2.dtype)
+    d = d2.clamp_min(1e-12).sqrt()  # (N,)
     similar = (1 - y) * 0.5 * d.pow(2)
     dissimilar = y * 0.5 * (margin - d).clamp_min(0).pow(2)
     return (similar + dissimilar).mean()
@@ -98,19 +106,35 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
     return F.cross_entropy(logits, logits.new_zeros(logits.shape[0], dtype=torch.long))
 
 
-def infonce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T: float = 0.07):
-    """InfoNCE logits as MoCo computes them: the positive at index 0, then K negatives, divided by T.
+def _autocast_off(device: torch.device):
+    """A context that turns autocast off on ``device`` (nothing where autocast does not exist)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))  # torch < 2.4
+    if available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
-    The labels are all zeros because the positive key always sits in column 0.
+
+def infonce_logits(q: torch.Tensor, k: torch.Tensor, negatives, T: float = 0.07, *, normalize: bool = False):
+    """InfoNCE logits, as MoCo computes them: the positive at index 0, then the negatives, divided by T.
+
+    ``logits[n] = [q_n·k_n, q_n·negative_1, …, q_n·negative_K] / T``; the labels are all zeros because the
+    positive key always sits in column 0. This is the one place mocolab computes these logits: MoCo, its
+    variants, CMC and the distillers call it.
+
+    The contrast runs in at least fp32 with autocast off (under bf16 autocast a logit / T would be
+    rounded in steps of 1/16); q is divided by T before the products (N·C values, not the N·(1+K) logits:
+    one pass less over the largest tensor of a step, forward and backward; the logits are the same).
 
     Args:
-        q: queries, (N, C), usually L2-normalised.
-        k: positive keys, (N, C).
-        negatives: (C, K) shared by the whole batch (a queue), or (N, K, C) per query (a memory bank).
+        q: queries, (N, C): unit vectors, or any encoder output with ``normalize=True``.
+        k: positive keys, (N, C), unit vectors.
+        negatives: (C, K) shared by the whole batch (a queue), (N, K, C) per query (a memory bank, MoCHi's
+            synthetic negatives), or a sequence of these, whose columns follow one another.
         T: temperature > 0.
+        normalize: L2-normalise q first (in the contrast's precision).
 
     Returns:
-        ``(logits, labels)`` with logits (N, 1+K) and labels (N,) of zeros.
+        ``(logits, labels)`` with logits (N, 1+K) (K all the negatives together) and labels (N,) of zeros.
 
     K may be 0 (an empty queue's first step: logits (N, 1)); :func:`infonce_loss` refuses that.
 
@@ -120,20 +144,26 @@ def infonce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T:
     T = check_temperature(T)
     if q.dim() != 2 or q.shape != k.shape:
         raise ValueError(f"q and k must both be (N, C), got {tuple(q.shape)} and {tuple(k.shape)}")
-    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
-    if negatives.dim() == 2:
-        if negatives.shape[0] != q.shape[1]:
-            raise ValueError(f"a shared negatives tensor must be (C, K) with C = {q.shape[1]}, got {tuple(negatives.shape)}")
-        l_neg = torch.einsum("nc,ck->nk", q, negatives)  # (N, K)
-    elif negatives.dim() == 3:
-        if negatives.shape[0] != q.shape[0] or negatives.shape[2] != q.shape[1]:
-            raise ValueError(f"per-query negatives must be (N, K, C) = ({q.shape[0]}, K, {q.shape[1]}), got {tuple(negatives.shape)}")
-        l_neg = torch.einsum("nc,nkc->nk", q, negatives)  # (N, K)
-    else:
-        raise ValueError(f"negatives must be (C, K) or (N, K, C), got {negatives.dim()} dimensions")
-    logits = torch.cat([l_pos, l_neg], dim=1) / T  # (N, 1+K)
-    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return logits, labels
+    parts = list(negatives) if isinstance(negatives, (list, tuple)) else [negatives]
+    for neg in parts:
+        if neg.dim() == 2 and neg.shape[0] != q.shape[1]:
+            raise ValueError(f"a shared negatives tensor must be (C, K) with C = {q.shape[1]}, got {tuple(neg.shape)}")
+        if neg.dim() == 3 and (neg.shape[0] != q.shape[0] or neg.shape[2] != q.shape[1]):
+            raise ValueError(f"per-query negatives must be (N, K, C) = ({q.shape[0]}, K, {q.shape[1]}), "
+                             f"got {tuple(neg.shape)}")
+        if neg.dim() not in (2, 3):
+            raise ValueError(f"negatives must be (C, K) or (N, K, C), got {neg.dim()} dimensions")
+    dtype = torch.promote_types(torch.promote_types(q.dtype, parts[0].dtype), torch.float32)
+    with _autocast_off(q.device):
+        q = q.to(dtype)
+        if normalize:
+            q = F.normalize(q, dim=1)  # queries: (N, C)
+        q = q / T
+        logits = [(q * k.to(dtype)).sum(dim=1, keepdim=True)]  # l_pos "nc,nc->n": (N, 1)
+        for neg in (n.to(dtype) for n in parts):  # l_neg: "nc,ck->nk" or "nc,nkc->nk", (N, K_i)
+            logits.append(torch.mm(q, neg) if neg.dim() == 2 else torch.einsum("nc,nkc->nk", q, neg))
+        logits = torch.cat(logits, dim=1)  # (N, 1+K), already divided by T
+    return logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
 
 
 def infonce_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, T: float = 0.07) -> torch.Tensor:
@@ -255,12 +285,7 @@ def debiased_negative_term(logits: torch.Tensor, tau_plus: float, T: float):
         ValueError: as :func:`debiased_infonce_loss`.
     """
     T = check_temperature(T)
-    try:
-        tau_plus = float(tau_plus)
-    except (TypeError, ValueError):
-        raise ValueError(f"tau_plus must be a number in [0, 1), got {tau_plus!r}") from None
-    if not 0.0 <= tau_plus < 1.0:
-        raise ValueError(f"tau_plus (the class prior τ⁺) must be in [0, 1), got {tau_plus}")
+    tau_plus = in_range(tau_plus, "tau_plus (the class prior τ⁺)", 0.0, 1.0, high_open=True)
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must be (N, 1+K) with K >= 1 negatives, got {tuple(logits.shape)}")
     K = logits.shape[1] - 1

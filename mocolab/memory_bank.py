@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import integer, positive_int
 from .momentum import check_momentum
 
 __all__ = ["MemoryBank"]
@@ -37,12 +38,10 @@ class MemoryBank(nn.Module):
 
     def __init__(self, num_samples: int, dim: int, m: float = 0.5):
         super().__init__()
-        if int(num_samples) < 2:
-            raise ValueError(f"a memory bank needs num_samples >= 2, got {num_samples}")
-        if int(dim) <= 0:
-            raise ValueError(f"memory bank dim (C) must be a positive integer, got {dim}")
+        num_samples = integer(num_samples, "num_samples (samples in the memory bank)", 2)
+        dim = positive_int(dim, "memory bank dim (C)")
         self.m = check_momentum(m)
-        self.register_buffer("memory", F.normalize(torch.randn(int(num_samples), int(dim)), dim=1))  # (M, C)
+        self.register_buffer("memory", F.normalize(torch.randn(num_samples, dim), dim=1))  # (M, C)
 
     @property
     def num_samples(self) -> int:
@@ -75,15 +74,14 @@ class MemoryBank(nn.Module):
         Shape:
             index: (N,) -> (N, K) long.
         """
-        if int(K) < 1:
-            raise ValueError(f"K (negatives per query) must be >= 1, got {K}")
+        K = positive_int(K, "K (negatives per query)")
         self._check_index(index)
         n, M = index.shape[0], self.num_samples
         if exclude_positive:
-            idx = torch.randint(0, M - 1, (n, int(K)), generator=generator, device="cpu").to(index.device)  # (N, K)
+            idx = torch.randint(0, M - 1, (n, K), generator=generator, device="cpu").to(index.device)  # (N, K)
             idx = idx + (idx >= index[:, None]).long()
         else:
-            idx = torch.randint(0, M, (n, int(K)), generator=generator, device="cpu").to(index.device)
+            idx = torch.randint(0, M, (n, K), generator=generator, device="cpu").to(index.device)
         return idx
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:

@@ -10,17 +10,25 @@ Letters: N samples, C feature dim, K keys.
 - :func:`collapse_std`: the std of L2-normalised features per dimension, averaged; about
   1/√C for features spread on the sphere, 0 when everything maps to one point (SimSiam's indicator).
 - :func:`similarity_stats`: positive and negative cosine similarities of a batch.
+- :func:`nearest_and_hardest`: a query's most similar keys of its own label and of other labels.
+- :func:`temperature_softmax`: the InfoNCE softmax of one query's similarities at a temperature T
+  (:func:`default_similarities` makes up a plausible similarity vector).
 """
 from __future__ import annotations
 
 import copy
 import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["alignment", "uniformity", "key_consistency", "KeyConsistencyProbe", "collapse_std", "similarity_stats"]
+from .checks import choice, finite_positive, positive_int
+
+__all__ = ["alignment", "uniformity", "key_consistency", "KeyConsistencyProbe", "collapse_std", "similarity_stats",
+           "Neighbours", "nearest_and_hardest", "temperature_softmax", "default_similarities"]
 
 
 def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> float:
@@ -31,8 +39,7 @@ def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> float:
     """
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    alpha = finite_positive(alpha, "alpha")
     x, y = F.normalize(x.float(), dim=1), F.normalize(y.float(), dim=1)
     return float((x - y).norm(dim=1).pow(alpha).mean())
 
@@ -45,8 +52,7 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> float:
     """
     if x.shape[0] < 2:
         raise ValueError("uniformity needs at least 2 samples")
-    if t <= 0:
-        raise ValueError(f"t must be > 0, got {t}")
+    t = finite_positive(t, "t")
     x = F.normalize(x.float(), dim=1)
     return float(torch.pdist(x).pow(2).mul(-t).exp().mean().log())
 
@@ -97,21 +103,11 @@ class KeyConsistencyProbe:
     BN_MODES = ("train", "eval")
 
     def __init__(self, steps: int | None = None, bn: str = "train"):
-        if steps is not None and int(steps) < 1:
-            raise ValueError(f"steps must be None (the whole queue) or a positive integer, got {steps}")
-        if bn not in self.BN_MODES:
-            raise ValueError(f"bn must be one of {self.BN_MODES}, got {bn!r}")
-        self.steps, self.bn = (None if steps is None else int(steps)), bn
+        self.steps = None if steps is None else positive_int(steps, "steps (or None: the whole queue)")
+        self.bn = choice(bn, "bn", self.BN_MODES)
         self._kept: list[tuple[list, torch.Tensor]] = []  # ([view batches], stored keys), oldest first
         self._model: nn.Module | None = None
         self.last: dict | None = None
-
-    @staticmethod
-    def latest_keys(queue: nn.Module, n: int) -> torch.Tensor:
-        """The ``n`` keys most recently written to a queue (``queue`` (C, K), ``queue_ptr``), oldest first. (n, C)"""
-        ptr, k = int(queue.queue_ptr), queue.queue.shape[1]
-        cols = (ptr - n + torch.arange(n, device=queue.queue.device)) % k  # (n,)
-        return queue.queue[:, cols].t()  # (n, C)
 
     @torch.no_grad()
     def record(self, model: nn.Module, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
@@ -120,7 +116,7 @@ class KeyConsistencyProbe:
         n = sum(b.shape[0] for b in batches)
         if self.steps is None:
             self.steps = max(1, math.ceil(model.queue.shape[1] / n))
-        self._kept.append(([b.detach().clone() for b in batches], self.latest_keys(model, n).clone()))
+        self._kept.append(([b.detach().clone() for b in batches], model.latest(n).clone()))
         self._model = model
         del self._kept[:-self.steps]
 
@@ -200,3 +196,139 @@ def similarity_stats(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) 
     negs = (q @ neg).flatten()  # (N·K,)
     return {"pos": pos.cpu().numpy(), "neg": negs.cpu().numpy(),
             "pos_mean": float(pos.mean()), "neg_mean": float(negs.mean())}
+
+
+class Neighbours(NamedTuple):
+    """Result of :func:`nearest_and_hardest` (indices into the keys)."""
+
+    nearest: torch.Tensor  # (k,) long: most similar keys with the query's label
+    nearest_sims: torch.Tensor  # (k,)
+    hardest: torch.Tensor  # (k,) long: most similar keys with another label
+    hardest_sims: torch.Tensor  # (k,)
+
+
+def nearest_and_hardest(
+    q_feat,
+    key_feats,
+    key_labels,
+    query_label,
+    k: int = 5,
+    *,
+    exclude_index: int | None = None,
+) -> Neighbours:
+    """A query's most similar positive keys and its hardest negatives.
+
+    Similarity is cosine (features are L2-normalised here). "Nearest" are
+    the k keys with the highest similarity among keys with the query's label
+    (same instance or same class, depending on what the labels mean);
+    "hardest negatives" are the k keys with the highest similarity among
+    keys with a different label. Ties are broken by the lower index.
+
+    Args:
+        q_feat: (C,) query feature.
+        key_feats: (M, C) key features.
+        key_labels: (M,) labels of the keys.
+        query_label: the query's label.
+        k: how many of each (fewer are returned when fewer exist).
+        exclude_index: a key index to leave out (the query itself when it is
+            in the keys).
+
+    Returns:
+        :class:`Neighbours` (nearest, nearest_sims, hardest, hardest_sims),
+        sorted by decreasing similarity.
+
+    Shape:
+        q_feat: (C,), key_feats: (M, C), key_labels: (M,) -> (k,) each
+
+    Raises:
+        ValueError: k < 1, or mismatched shapes.
+    """
+    k = positive_int(k, "k")
+    q = torch.as_tensor(q_feat).detach().float().cpu().reshape(-1)  # (C,)
+    keys = torch.as_tensor(key_feats).detach().float().cpu()  # (M, C)
+    labels = torch.as_tensor(key_labels).detach().cpu().reshape(-1)  # (M,)
+    if keys.ndim != 2 or keys.shape[1] != q.shape[0]:
+        raise ValueError(f"key_feats must be (M, {q.shape[0]}) to match q_feat, got {tuple(keys.shape)}")
+    if labels.shape[0] != keys.shape[0]:
+        raise ValueError(f"key_labels must have one label per key ({keys.shape[0]}), got {labels.shape[0]}")
+    q = torch.nn.functional.normalize(q, dim=0)
+    keys = torch.nn.functional.normalize(keys, dim=1)
+    sims = keys @ q  # (M,)
+    same = labels == torch.as_tensor(query_label)  # (M,)
+    valid = torch.ones_like(same)
+    if exclude_index is not None:
+        valid[exclude_index] = False
+
+    def top(mask: torch.Tensor):
+        idx = torch.nonzero(mask & valid).flatten()  # candidates, increasing index
+        order = torch.sort(-sims[idx], stable=True).indices[:k]
+        chosen = idx[order]
+        return chosen, sims[chosen]
+
+    nearest, nearest_sims = top(same)
+    hardest, hardest_sims = top(~same)
+    return Neighbours(nearest, nearest_sims, hardest, hardest_sims)
+
+
+def temperature_softmax(similarities, T: float) -> dict:
+    """The InfoNCE softmax over one query's similarities at temperature T.
+
+    ``probs = softmax(similarities / T)``; the loss is the InfoNCE /
+    cross-entropy loss with the positive at index 0 (Oord et al. 2018; He et
+    al. 2020, Eq. 1). A small T sharpens the distribution onto the largest
+    similarity (the hardest negatives dominate the gradient); a large T
+    flattens it towards uniform (entropy ln(K+1)).
+
+    Args:
+        similarities: (K+1,) cosine similarities, the positive q.k first,
+            then the K negatives q.queue.
+        T: temperature, > 0.
+
+    Returns:
+        dict with ``probs`` (K+1,) numpy, ``entropy`` (nats), ``loss``
+        (= -log probs[0]), ``chance_loss`` (= ln(K+1), the loss when all
+        similarities are equal) and ``T``.
+
+    Shape:
+        similarities: (K+1,) -> probs: (K+1,)
+
+    Raises:
+        ValueError: T <= 0 or not finite, or fewer than 2 similarities.
+    """
+    T = finite_positive(T, "T")
+    s = _as_1d(similarities, "similarities")
+    if s.shape[0] < 2:
+        raise ValueError(f"similarities must hold the positive and at least one negative, got {s.shape[0]}")
+    z = s / T  # (K+1,) logits
+    z = z - z.max()
+    log_probs = z - np.log(np.exp(z).sum())  # (K+1,)
+    probs = np.exp(log_probs)
+    entropy = float(-(probs * log_probs).sum())
+    return {
+        "probs": probs,
+        "entropy": entropy,
+        "loss": float(-log_probs[0]),
+        "chance_loss": math.log(s.shape[0]),
+        "T": float(T),
+    }
+
+
+def as_float64(x) -> np.ndarray:
+    """A tensor (any device or dtype) or array-like as a float64 NumPy array."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _as_1d(x, name: str) -> np.ndarray:
+    x = as_float64(x).reshape(-1)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} must be finite")
+    return x
+
+
+def default_similarities(K: int = 16, seed: int = 0, positive: float = 0.6) -> np.ndarray:
+    """A plausible (K+1,) similarity vector: positive first, negatives ~ N(0, 0.25)."""
+    rng = np.random.default_rng(seed)
+    neg = np.clip(rng.normal(0.0, 0.25, size=K), -1.0, 1.0)
+    return np.concatenate([[positive], neg])

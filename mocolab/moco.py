@@ -1,6 +1,6 @@
-"""Momentum Contrast (He et al. 2020, arXiv 1911.05722), and the two baselines it is compared with.
+"""Momentum Contrast (He et al. 2020, arXiv 1911.05722): the whole MoCo step, in one place.
 
-Letters: N batch size, C feature dim (``dim``), K queue size, M memory-bank size.
+Letters: N batch size, C feature dim (``dim``), K queue size.
 
 :class:`MoCo` is a drop-in for ``moco.builder.MoCo`` of facebookresearch/moco:
 the same constructor, attributes ``encoder_q`` / ``encoder_k``, buffers
@@ -10,16 +10,14 @@ computes. It also runs on a CPU or one GPU, accepts any K (the queue wraps
 around), validates its arguments, computes the logits in fp32 under bf16 autocast,
 and makes no device -> host sync in a step.
 
-:class:`EndToEnd` (negatives from the current batch, keys through the same
-encoder with gradients) and :class:`MemoryBankModel` (InsDis, Wu et al. 2018)
-share the training interface::
-
-    logits, labels = model(im_q, im_k, index=index)
-    loss = model.criterion(logits, labels)
+One step (:meth:`MoCo.forward`) reads top to bottom: the momentum update of the key encoder
+(:mod:`mocolab.momentum`), the keys through shuffle-BN (:mod:`mocolab.shuffle_bn`), the logits
+(:func:`mocolab.losses.infonce_logits`, the one function that computes them), the enqueue
+(:mod:`mocolab.queue`). MoCo has the training interface of :class:`~mocolab.interface.ContrastiveModel`;
+the models it is compared with are in :mod:`mocolab.baselines`, its variants in :mod:`mocolab.hard_negatives`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Callable
 
@@ -27,27 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import positive_int as check_positive_int
+from .distributed import concat_all_gather, world_size
 from .encoders import add_mlp_head
-from .losses import NCECriterion, check_temperature
-from .memory_bank import MemoryBank
-from .momentum import MOMENTUM_SCHEDULES, MomentumUpdater, check_momentum
-from .queue import KeyQueue, check_positive_int
-from .shuffle_bn import batch_shuffle, batch_unshuffle, concat_all_gather, convert_split_bn, world_size
+from .interface import ContrastiveModel
+from .losses import check_temperature, infonce_logits
+from .momentum import MOMENTUM_SCHEDULES, MomentumUpdater, check_momentum, freeze, momentum_at
+from .queue import KeyQueue
+from .shuffle_bn import SHUFFLE_BN_MODES, batch_shuffle, batch_unshuffle, convert_split_bn
 
-__all__ = ["MoCo", "EndToEnd", "MemoryBankModel", "SHUFFLE_BN_MODES"]
-
-SHUFFLE_BN_MODES = ("auto", "off", "split", "ddp")
+__all__ = ["MoCo", "SHUFFLE_BN_MODES"]
 
 
-def _autocast_off(device: torch.device):
-    """A context that turns autocast off on ``device`` (nothing where autocast does not exist)."""
-    available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))  # torch < 2.4
-    if available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-class MoCo(KeyQueue):
+class MoCo(ContrastiveModel, KeyQueue):
     """MoCo: a query encoder, a momentum key encoder and a queue of keys.
 
     MoCo owns its queue directly (buffers ``queue`` and ``queue_ptr`` at the top level,
@@ -70,10 +60,10 @@ class MoCo(KeyQueue):
             (default True, the official behaviour). False keeps each key in the same BN group as its
             query: the ablation that lets BatchNorm statistics leak the positive.
         symmetric: symmetric loss (the CIFAR-10 demo): both views act as query and as key;
-            ``forward`` returns 2N rows and :meth:`criterion` returns ``loss_12 + loss_21``.
+            ``forward`` returns 2N rows and :meth:`loss` returns ``loss_12 + loss_21``.
         queue_init: ``"random"`` (random unit keys, official) or ``"empty"`` (only real keys act as negatives).
         momentum_schedule: ``"constant"`` (official) or ``"cosine"`` (m rises to 1 over training;
-            call :meth:`set_progress` each step).
+            call :meth:`set_progress` each step, as ``fit`` does).
         momentum_buffers: also average BN running statistics into the key encoder (official: False).
 
     Raises:
@@ -103,28 +93,96 @@ class MoCo(KeyQueue):
             add_mlp_head(self.encoder_q)
         if shuffle_bn == "split":
             convert_split_bn(self.encoder_q, self.bn_splits)
-        self.encoder_k = copy.deepcopy(self.encoder_q)  # same initialisation, as param_k.copy_(param_q)
-        for p in self.encoder_k.parameters():
-            p.requires_grad = False
+        self.encoder_k = freeze(copy.deepcopy(self.encoder_q))  # same initialisation, as param_k.copy_(param_q)
         self.momentum_buffers = bool(momentum_buffers)
         self._momentum = MomentumUpdater(self.encoder_k, self.encoder_q, buffers=self.momentum_buffers)
 
-    # -- the key encoder ------------------------------------------------------------------
-    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() may replace tensors: gather them again
-        out = super()._apply(fn, *args, **kwargs)
-        if hasattr(self, "_momentum"):
-            self._momentum = MomentumUpdater(self.encoder_k, self.encoder_q, buffers=self.momentum_buffers)
-        return out
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None):
+        """One MoCo step: the momentum update, the keys, the logits, then the enqueue.
+
+        No value is read on the host: the step makes no device -> host sync.
+
+        Args:
+            im_q: a batch of query images, (N, 3, H, W).
+            im_k: a batch of key images (the other view), (N, 3, H, W).
+            index: optional dataset indices (N,), recorded beside the keys in the queue.
+
+        Returns:
+            ``(logits, labels)``: logits (N, 1+K) already divided by T (2N rows when symmetric), labels all zeros.
+
+        Raises:
+            ValueError: im_q and im_k of different shapes, an index that is not (N,), or an encoder
+                output that is not (N, dim).
+        """
+        self._check_batch(im_q, im_k, index)
+        with torch.no_grad():  # no gradient to keys
+            self._momentum_update_key_encoder()  # update the key encoder
+            k = self._keys(im_k)  # keys: (N, C), unit length, through shuffle-BN
+            k1 = self._keys(im_q) if self.symmetric else None  # symmetric: each view is also the other's key
+        negatives = self._queue_negatives()  # (C, K)
+        logits = self.contrast(self.encoder_q(im_q), k, negatives, index)  # (N, 1+K), divided by T
+        if self.symmetric:
+            logits = torch.cat([logits, self.contrast(self.encoder_q(im_k), k1, negatives, index)])  # (2N, 1+K)
+            k, index = torch.cat([k1, k]), None if index is None else torch.cat([index, index])
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positives: column 0
+        self._dequeue_and_enqueue(k, index)
+        return logits, labels
+
+    def contrast(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
+                 index: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits of one view's queries: :func:`~mocolab.losses.infonce_logits` of the normalised ``q``.
+
+        The variants of :mod:`mocolab.hard_negatives` override this to change the negatives.
+
+        Args:
+            q: the query encoder's output, (N, C) (normalised here, in fp32).
+            k: the positive keys, (N, C), unit length.
+            negatives: the queue's keys, (C, K).
+            index: the batch's dataset indices (N,), or None.
+
+        Returns:
+            logits (N, 1+K), divided by T, the positive in column 0.
+        """
+        return infonce_logits(q, k, negatives, self.T, normalize=True)[0]
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the 1 + K candidates (``loss_12 + loss_21`` when symmetric, as the CIFAR-10 demo)."""
+        loss = F.cross_entropy(logits, labels)
+        return 2.0 * loss if self.symmetric else loss
+
+    def criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The former name of :meth:`loss`, kept for one release."""
+        return self.loss(logits, labels)
 
     def set_progress(self, step: int, total_steps: int) -> float:
         """Set m for ``step`` of ``total_steps`` from the momentum schedule; returns the new m."""
-        self.m = MOMENTUM_SCHEDULES[self.momentum_schedule](self.base_m, step, total_steps)
+        self.m = momentum_at(self.momentum_schedule, self.base_m, step, total_steps)
         return self.m
+
+    def compile_encoders(self) -> None:
+        """``Module.compile`` both encoders, in place."""
+        self.encoder_q.compile()
+        self.encoder_k.compile()
+
+    # -- the parts of a step -------------------------------------------------------------
+    def _check_batch(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None) -> None:
+        if im_q.shape != im_k.shape:
+            raise ValueError(f"im_q and im_k must have the same shape, got im_q {tuple(im_q.shape)} "
+                             f"and im_k {tuple(im_k.shape)}")
+        if index is not None and tuple(index.shape) != (im_q.shape[0],):
+            raise ValueError(f"index must have shape ({im_q.shape[0]},) for images {tuple(im_q.shape)}, "
+                             f"got {tuple(index.shape)}")
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
         """θk ← m·θk + (1 − m)·θq, fused and in place."""
         self._momentum(self.m)
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() may replace tensors: gather them again
+        out = super()._apply(fn, *args, **kwargs)
+        if hasattr(self, "_momentum"):
+            self._momentum = MomentumUpdater(self.encoder_k, self.encoder_q, buffers=self.momentum_buffers)
+        return out
 
     def _shuffle_mode(self) -> str:
         if self.shuffle_bn == "auto":
@@ -152,6 +210,15 @@ class MoCo(KeyQueue):
         im_k, idx_unshuffle = batch_shuffle(im_k)  # across ranks
         return batch_unshuffle(self._embed_k(im_k), idx_unshuffle)
 
+    def _queue_negatives(self) -> torch.Tensor:
+        """The queue's keys that act as negatives, (C, K), in at least fp32.
+
+        The enqueue overwrites the queue in place after autograd saved the negatives for the
+        backward of the logits: with gradients on they must be a copy, not a view.
+        """
+        negatives = self.negatives()
+        return negatives.to(torch.promote_types(negatives.dtype, torch.float32), copy=torch.is_grad_enabled())
+
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor, index: torch.Tensor | None = None) -> None:
         """Gather keys from all ranks and write them into the queue (wraps around any K)."""
@@ -159,130 +226,3 @@ class MoCo(KeyQueue):
         if index is not None:
             index = concat_all_gather(index)
         self.enqueue(keys, index)
-
-    def _contrast(self, im_q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-        q = self.encoder_q(im_q)  # (N, C), bf16 under autocast
-        dtype = torch.promote_types(torch.promote_types(q.dtype, negatives.dtype), torch.float32)
-        with _autocast_off(q.device):  # the contrast in fp32: bf16 would round logits / T in steps of 1/16
-            q = F.normalize(q.to(dtype), dim=1)  # queries: (N, C)
-            # dividing q by T (N·C values) instead of the logits (N·(1+K) values) saves a pass over
-            # the largest tensor of the step, forward and backward; the logits are the same
-            q = q / self.T
-            l_pos = (q * k.to(dtype)).sum(dim=1, keepdim=True)  # "nc,nc->n": (N, 1)
-            l_neg = torch.mm(q, negatives.to(dtype))  # "nc,ck->nk": (N, K)
-            return torch.cat([l_pos, l_neg], dim=1)  # (N, 1+K), already divided by T
-
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None):
-        """One MoCo step: logits and labels, then the momentum update and the enqueue.
-
-        No value is read on the host: the step makes no device -> host sync.
-
-        Args:
-            im_q: a batch of query images, (N, 3, H, W).
-            im_k: a batch of key images (the other view), (N, 3, H, W).
-            index: optional dataset indices (N,), recorded beside the keys in the queue.
-
-        Returns:
-            ``(logits, labels)``: logits (N, 1+K) already divided by T (2N rows when symmetric), labels all zeros.
-
-        Raises:
-            ValueError: im_q and im_k of different shapes, an index that is not (N,), or an encoder
-                output that is not (N, dim).
-        """
-        if im_q.shape != im_k.shape:
-            raise ValueError(f"im_q and im_k must have the same shape, got im_q {tuple(im_q.shape)} "
-                             f"and im_k {tuple(im_k.shape)}")
-        if index is not None and tuple(index.shape) != (im_q.shape[0],):
-            raise ValueError(f"index must have shape ({im_q.shape[0]},) for images {tuple(im_q.shape)}, "
-                             f"got {tuple(index.shape)}")
-        with torch.no_grad():
-            self._momentum_update_key_encoder()
-            k = self._keys(im_k)  # keys: (N, C)
-            k1 = self._keys(im_q) if self.symmetric else None
-        # the queue is overwritten in place below, after autograd saved the negatives for the
-        # backward of l_neg: with gradients on they must be a copy (in at least fp32), not a view
-        negatives = self.negatives()  # (C, K)
-        negatives = negatives.to(torch.promote_types(negatives.dtype, torch.float32), copy=torch.is_grad_enabled())
-        logits = self._contrast(im_q, k, negatives)
-        if self.symmetric:
-            logits = torch.cat([logits, self._contrast(im_k, k1, negatives)], dim=0)  # (2N, 1+K)
-            keys = torch.cat([k1, k], dim=0)
-            index = torch.cat([index, index]) if index is not None else None
-        else:
-            keys = k
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        self._dequeue_and_enqueue(keys, index)
-        return logits, labels
-
-    def criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy over the 1 + K candidates (``loss_12 + loss_21`` when symmetric, as the CIFAR-10 demo)."""
-        loss = F.cross_entropy(logits, labels)
-        return 2.0 * loss if self.symmetric else loss
-
-
-class EndToEnd(nn.Module):
-    """The end-to-end baseline: keys from the current batch, through the same encoder, with gradients.
-
-    Negatives are the other samples' keys in the batch, so the dictionary size is the batch
-    size N (the MoCo paper's end-to-end mechanism; SimCLR's one-directional form).
-
-    Returns from ``forward``: logits (N, N) / T with the positive on the diagonal, labels ``arange(N)``.
-    """
-
-    def __init__(self, base_encoder: Callable[..., nn.Module], dim: int = 128, T: float = 0.07, mlp: bool = False):
-        super().__init__()
-        self.T = check_temperature(T)
-        self.encoder_q = base_encoder(num_classes=dim)
-        if mlp:
-            add_mlp_head(self.encoder_q)
-
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None):
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # (N, C)
-        k = F.normalize(self.encoder_q(im_k), dim=1)  # (N, C), gradients flow into the keys too
-        logits = torch.einsum("nc,mc->nm", q, k) / self.T  # (N, N)
-        return logits, torch.arange(logits.shape[0], device=logits.device)
-
-    def criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels)
-
-
-class MemoryBankModel(nn.Module):
-    """Instance discrimination with a memory bank (InsDis, Wu et al. 2018).
-
-    The positive for sample i is its bank entry, the negatives are K entries drawn
-    uniformly from the bank. After the logits are computed the bank is updated with the
-    fresh query features. Only ``im_q`` is encoded; ``index`` is required.
-
-    Args:
-        num_samples: M, the number of training samples.
-        K: negatives per query (Wu et al.: 4096).
-        bank_m: momentum of the bank update (0.5 in the paper).
-        loss: ``"nce"`` (NCE with Z estimated once, the paper) or ``"softmax"`` (full cross-entropy).
-    """
-
-    def __init__(self, base_encoder: Callable[..., nn.Module], num_samples: int, dim: int = 128, K: int = 4096,
-                 T: float = 0.07, bank_m: float = 0.5, loss: str = "softmax", mlp: bool = False):
-        super().__init__()
-        if loss not in ("nce", "softmax"):
-            raise ValueError(f"loss must be 'nce' or 'softmax', got {loss!r}")
-        K = check_positive_int(K, "K (negatives per query)")
-        self.T, self.K, self.loss = check_temperature(T), K, loss
-        self.encoder_q = base_encoder(num_classes=dim)
-        if mlp:
-            add_mlp_head(self.encoder_q)
-        self.bank = MemoryBank(num_samples, dim, m=bank_m)
-        self.nce = NCECriterion(num_samples)
-
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor | None = None, index: torch.Tensor | None = None):
-        if index is None:
-            raise ValueError("MemoryBankModel needs the dataset indices of the batch (index=...)")
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # (N, C)
-        with torch.no_grad():
-            neg_idx = self.bank.sample(index, self.K)  # (N, K)
-            weights = self.bank(torch.cat([index[:, None], neg_idx], dim=1))  # (N, 1+K, C)
-        logits = torch.einsum("nc,nkc->nk", q, weights) / self.T  # (N, 1+K)
-        self.bank.update(index, q)
-        return logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-
-    def criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.nce(logits) if self.loss == "nce" else F.cross_entropy(logits, labels)

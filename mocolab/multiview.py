@@ -10,7 +10,7 @@ and a queue (:class:`~mocolab.queue.KeyQueue`), as in MoCo; the loss is symmetri
 L queries against ab keys, plus ab queries against L keys.
 
 - :func:`rgb_to_lab`: sRGB in [0, 1] to CIE Lab (D65), on tensors.
-- :func:`lab_views`: a normalised RGB batch (what :class:`~mocolab.data.BatchAugment`
+- :func:`lab_views`: a normalised RGB batch (what :class:`~mocolab.augment.BatchAugment`
   returns) to the L view (N, 1, H, W) and the ab view (N, 2, H, W), scaled to about [-1, 1].
 - :class:`CMC`: the two-view model with the shared training interface.
 """
@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import normalization_stats
+from .augment import denormalize
+from .datasets import normalization_stats
+from .interface import ContrastiveModel
 from .losses import check_temperature, infonce_logits
-from .momentum import MomentumUpdater, check_momentum
+from .momentum import MomentumUpdater, check_momentum, freeze
 from .queue import KeyQueue
 
 __all__ = ["rgb_to_lab", "lab_views", "CMC", "CMCFeatures", "CMC_VIEWS"]
@@ -68,14 +70,14 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
 def lab_views(x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
     """Split a normalised RGB batch into CMC's two views, L and ab.
 
-    The normalisation (``(x/255 − mean)/std`` of :func:`~mocolab.data.normalize` and
-    :class:`~mocolab.data.BatchAugment`) is undone, the image converted with :func:`rgb_to_lab`,
+    The normalisation (``(x/255 − mean)/std`` of :func:`~mocolab.augment.normalize` and
+    :class:`~mocolab.augment.BatchAugment`) is undone, the image converted with :func:`rgb_to_lab`,
     and the views scaled to about [-1, 1]: ``(L − 50)/50`` and ``ab/110``.
 
     Args:
         x: normalised RGB images.
         mean, std: the per-channel normalisation of ``x``; default
-            :func:`~mocolab.data.normalization_stats` of the image size.
+            :func:`~mocolab.datasets.normalization_stats` of the image size.
 
     Shape:
         x: (N, 3, H, W) -> L (N, 1, H, W), ab (N, 2, H, W).
@@ -85,12 +87,7 @@ def lab_views(x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequenc
     """
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"x must be a normalised RGB batch (N, 3, H, W), got {tuple(x.shape)}")
-    if mean is None or std is None:
-        m0, s0 = normalization_stats(x.shape[-1])
-        mean, std = mean or m0, std or s0
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    lab = rgb_to_lab(x.float() * std_t + mean_t)  # (N, 3, H, W)
+    lab = rgb_to_lab(denormalize(x, mean, std))  # (N, 3, H, W)
     return (lab[:, :1] - 50.0) / 50.0, lab[:, 1:] / 110.0  # (N, 1, H, W), (N, 2, H, W)
 
 
@@ -121,7 +118,7 @@ class CMCFeatures(nn.Module):
         return torch.cat([F.normalize(self.encoder_l(l), dim=1), F.normalize(self.encoder_ab(ab), dim=1)], dim=1)
 
 
-class CMC(nn.Module):
+class CMC(ContrastiveModel):
     """Two-view CMC (L and ab) with momentum key encoders and one queue per view.
 
     Views: with ``views="two_crops"`` (default) the L view comes from ``im_q`` and the ab view
@@ -174,9 +171,8 @@ class CMC(nn.Module):
         self.out_bn = bool(out_bn)
         self.encoder_l = self._view_encoder(base_encoder, dim, in_channels=1)
         self.encoder_ab = self._view_encoder(base_encoder, dim, in_channels=2)
-        self.encoder_l_k, self.encoder_ab_k = copy.deepcopy(self.encoder_l), copy.deepcopy(self.encoder_ab)
-        for p in list(self.encoder_l_k.parameters()) + list(self.encoder_ab_k.parameters()):
-            p.requires_grad = False
+        self.encoder_l_k = freeze(copy.deepcopy(self.encoder_l))
+        self.encoder_ab_k = freeze(copy.deepcopy(self.encoder_ab))
         self.queue_l = KeyQueue(dim, K, init=queue_init)  # L keys: negatives of the ab queries
         self.queue_ab = KeyQueue(dim, K, init=queue_init)  # ab keys: negatives of the L queries
         self._updaters()
@@ -199,10 +195,14 @@ class CMC(nn.Module):
         """A module mapping normalised RGB images to CMC features (both views concatenated by default)."""
         return CMCFeatures(self, view)
 
-    @property
-    def encoder_q(self) -> CMCFeatures:
-        """The evaluation features (both views), so the kNN monitor of :func:`~mocolab.train.fit` works unchanged."""
+    def eval_encoder(self) -> CMCFeatures:
+        """CMC's evaluation features, both views concatenated (what the kNN monitor of ``fit`` evaluates)."""
         return self.encoder_for_eval("both")
+
+    def compile_encoders(self) -> None:
+        """``Module.compile`` the four encoders, in place."""
+        for encoder in (self.encoder_l, self.encoder_ab, self.encoder_l_k, self.encoder_ab_k):
+            encoder.compile()
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor | None = None, index: torch.Tensor | None = None):
         """One CMC step: logits of both directions, then the momentum updates and the enqueues.
@@ -227,16 +227,16 @@ class CMC(nn.Module):
                 update(self.m)
             k_l = F.normalize(self.encoder_l_k(l), dim=1)  # (N, C)
             k_ab = F.normalize(self.encoder_ab_k(ab), dim=1)  # (N, C)
-        q_l = F.normalize(self.encoder_l(l), dim=1)  # (N, C)
-        q_ab = F.normalize(self.encoder_ab(ab), dim=1)  # (N, C)
         # the queues are overwritten in place below, so the logits must not hold views of them
-        logits_l, _ = infonce_logits(q_l, k_ab, self.queue_ab.negatives().clone(), self.T)  # (N, 1+K)
-        logits_ab, _ = infonce_logits(q_ab, k_l, self.queue_l.negatives().clone(), self.T)  # (N, 1+K)
+        logits_l, _ = infonce_logits(self.encoder_l(l), k_ab, self.queue_ab.negatives().clone(), self.T,
+                                     normalize=True)  # L queries: (N, 1+K)
+        logits_ab, _ = infonce_logits(self.encoder_ab(ab), k_l, self.queue_l.negatives().clone(), self.T,
+                                      normalize=True)  # ab queries: (N, 1+K)
         logits = torch.cat([logits_l, logits_ab], dim=0)  # (2N, 1+K)
         self.queue_l.enqueue(k_l, index)
         self.queue_ab.enqueue(k_ab, index)
         return logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
 
-    def criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``L_{L→ab} + L_{ab→L}``: twice the cross-entropy averaged over the 2N rows."""
         return 2.0 * F.cross_entropy(logits, labels)

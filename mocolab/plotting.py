@@ -1,6 +1,6 @@
-"""Figures for looking inside a contrastive model.
+"""Figures of training: curves, sweeps, similarity histograms, and the explorers' plots.
 
-Letters: N samples, C feature dim, M keys in a bank or queue, k neighbours.
+Letters: N samples, K queue size (negatives), m momentum, T temperature.
 
 Every plot function takes ``ax=None`` (or ``axes=None``), draws onto the
 given axes or onto a new figure, and returns the figure. Nothing here calls
@@ -8,17 +8,18 @@ given axes or onto a new figure, and returns the figure. Nothing here calls
 returned figure is displayed; in a script, save it with
 ``fig.savefig(path)``. New figures are made with ``matplotlib.figure.Figure``
 (not pyplot), so they are never left open in pyplot's figure registry.
+Nothing here computes what it shows: the numbers come from :mod:`mocolab.metrics`,
+:mod:`mocolab.momentum` and :mod:`mocolab.queue`; pictures of samples are in :mod:`mocolab.gallery`.
 
 Functions:
-    embed_2d / plot_embedding: UMAP (or PCA) of feature vectors, coloured by
-        class (notebook 09).
-    plot_similarity_histograms: positive vs negative cosine similarities
-        (q.k vs q.queue) at several moments of training.
     plot_curves: loss / kNN accuracy / alignment / uniformity against epoch.
-    plot_image_grid, nearest_and_hardest, plot_neighbours: image galleries of
-        a query's nearest keys and its hardest negatives.
     plot_sweep: a metric against a swept hyper-parameter (e.g. momentum m),
         with optional published reference points.
+    plot_similarity_histograms: positive vs negative cosine similarities
+        (q.k vs q.queue, e.g. from :func:`~mocolab.metrics.similarity_stats`) at several moments of training.
+    plot_temperature_softmax, plot_ema_track, plot_queue_staleness: the results of
+        :func:`~mocolab.metrics.temperature_softmax`, :func:`~mocolab.momentum.ema_track` and
+        :func:`~mocolab.queue.queue_staleness` (the explorers of :mod:`mocolab.widgets`).
 
 matplotlib is imported when a function is called, not at ``import mocolab``.
 """
@@ -26,25 +27,20 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 __all__ = [
-    "embed_2d",
-    "plot_embedding",
     "plot_similarity_histograms",
     "plot_curves",
-    "plot_image_grid",
-    "nearest_and_hardest",
-    "Neighbours",
-    "plot_neighbours",
     "plot_sweep",
+    "plot_temperature_softmax",
+    "plot_ema_track",
+    "plot_queue_staleness",
 ]
 
-EMBED_METHODS = ("umap", "pca")
 POS_COLOR = "tab:green"
 NEG_COLOR = "tab:red"
 REF_COLOR = "tab:gray"
@@ -72,183 +68,16 @@ def _new_figure(nrows: int = 1, ncols: int = 1, figsize=None, squeeze: bool = Tr
     return fig, axes
 
 
+def _figure_for(ax, figsize):
+    """``(figure, axes)``: ``ax`` and its figure, or a new figure of ``figsize`` with one axes when ``ax`` is None."""
+    return _new_figure(figsize=figsize) if ax is None else (ax.figure, ax)
+
+
 def _axes_list(axes, n: int, name: str = "axes") -> list:
     flat = list(np.ravel(np.asarray(axes, dtype=object))) if not hasattr(axes, "plot") else [axes]
     if len(flat) < n:
         raise ValueError(f"{name} must hold at least {n} axes (one per panel), got {len(flat)}")
     return flat
-
-
-# --------------------------------------------------------------------------- embeddings
-def _pca_2d(x: np.ndarray) -> np.ndarray:
-    """Project onto the top two principal components (deterministic signs)."""
-    x = x - x.mean(axis=0, keepdims=True)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    comps = vt[:2]  # (2, C)
-    # fix the sign ambiguity of the SVD: largest-magnitude loading is positive
-    signs = np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])
-    signs[signs == 0] = 1.0
-    out = x @ (comps * signs[:, None]).T  # (N, 2) or (N, 1)
-    if out.shape[1] < 2:  # a single feature dimension: pad with zeros
-        out = np.concatenate([out, np.zeros((out.shape[0], 2 - out.shape[1]))], axis=1)
-    return out
-
-
-def embed_2d(
-    features,
-    method: str = "umap",
-    seed: int = 0,
-    *,
-    n_neighbors: int = 15,
-    min_dist: float = 0.1,
-    metric: str = "cosine",
-    return_method: bool = False,
-) -> Union[np.ndarray, Tuple[np.ndarray, str]]:
-    """Embed feature vectors in 2-D for plotting.
-
-    UMAP (McInnes et al. 2018, umap-learn) is imported lazily. When
-    umap-learn is not installed, or there are too few points for it, this
-    falls back to PCA and says so with a warning; pass
-    ``return_method=True`` to also get the name of the method that was used.
-
-    The first UMAP fit in a Python process compiles numba code (tens of
-    seconds on a laptop CPU). Compute the embedding once and pass the (N, 2)
-    result to :func:`plot_embedding` as many times as needed.
-
-    Args:
-        features: (N, C) tensor or array (need not be normalised).
-        method: "umap" or "pca".
-        seed: random state for UMAP (PCA is deterministic).
-        n_neighbors, min_dist, metric: UMAP settings (n_neighbors is capped
-            at N - 1).
-        return_method: also return the method actually used.
-
-    Returns:
-        (N, 2) float numpy array, or ``(array, method_used)``.
-
-    Shape:
-        features: (N, C) -> (N, 2)
-
-    Raises:
-        ValueError: unknown method, or features not 2-D / empty.
-    """
-    if method not in EMBED_METHODS:
-        raise ValueError(f"method must be one of {EMBED_METHODS}, got {method!r}")
-    x = _to_numpy(features, np.float64)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"features must be a non-empty (N, C) array, got shape {tuple(x.shape)}")
-    n = x.shape[0]
-    used = method
-    if method == "umap":
-        reason = None
-        if n < 5:
-            reason = f"only {n} points (UMAP needs at least 5)"
-        else:
-            try:
-                import umap  # noqa: F401  (slow import: numba)
-            except ImportError:
-                reason = "umap-learn is not installed (pip install umap-learn)"
-        if reason is not None:
-            warnings.warn(f"embed_2d: {reason}; falling back to PCA", stacklevel=2)
-            used = "pca"
-        else:
-            with warnings.catch_warnings():
-                # "n_jobs overridden by random_state": expected, we want reproducibility
-                warnings.filterwarnings("ignore", message=".*n_jobs.*", category=UserWarning)
-                reducer = umap.UMAP(
-                    n_components=2,
-                    n_neighbors=max(2, min(n_neighbors, n - 1)),
-                    min_dist=min_dist,
-                    metric=metric,
-                    random_state=seed,
-                )
-                out = np.asarray(reducer.fit_transform(x), dtype=np.float64)  # (N, 2)
-    if used == "pca":
-        out = _pca_2d(x)  # (N, 2)
-    return (out, used) if return_method else out
-
-
-def _class_colors(num: int):
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if num <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(num)]
-
-
-def plot_embedding(
-    features_or_2d,
-    labels=None,
-    classes: Optional[Sequence[str]] = None,
-    ax=None,
-    method: str = "umap",
-    title: Optional[str] = None,
-    *,
-    seed: int = 0,
-    s: float = 8.0,
-    alpha: float = 0.8,
-    legend: bool = True,
-):
-    """Scatter a 2-D embedding of features, one colour per class.
-
-    Args:
-        features_or_2d: (N, C) features, embedded with :func:`embed_2d`, or an
-            already embedded (N, 2) array (used as is: compute UMAP once,
-            plot many times).
-        labels: (N,) integer class labels, or None for a single colour.
-        classes: class names indexed by label (legend text).
-        ax: axes to draw on; a new figure when None.
-        method: "umap" or "pca" (ignored for (N, 2) input except for the
-            axis labels).
-        title: axes title.
-        seed: UMAP random state.
-        s, alpha: marker size and opacity.
-        legend: draw a legend of classes.
-
-    Returns:
-        The matplotlib figure.
-
-    Shape:
-        features_or_2d: (N, C) or (N, 2); labels: (N,)
-
-    Raises:
-        ValueError: labels of the wrong length, or as :func:`embed_2d`.
-    """
-    x = _to_numpy(features_or_2d, np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"features_or_2d must be (N, C) or (N, 2), got shape {tuple(x.shape)}")
-    if x.shape[1] == 2:
-        xy, used = x, method
-    else:
-        xy, used = embed_2d(x, method=method, seed=seed, return_method=True)
-    if ax is None:
-        fig, ax = _new_figure(figsize=(5.5, 4.5))
-    else:
-        fig = ax.figure
-    if labels is None:
-        ax.scatter(xy[:, 0], xy[:, 1], s=s, alpha=alpha, linewidths=0)
-    else:
-        y = _to_numpy(labels).astype(np.int64).ravel()
-        if y.shape[0] != xy.shape[0]:
-            raise ValueError(f"labels must have one entry per point ({xy.shape[0]}), got {y.shape[0]}")
-        present = np.unique(y)
-        num = int(max(present.max() + 1, len(classes) if classes is not None else 0))
-        colors = _class_colors(num)
-        for c in present:
-            sel = y == c
-            name = classes[c] if classes is not None and c < len(classes) else str(int(c))
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=s, alpha=alpha, linewidths=0, color=colors[c], label=name)
-        if legend:
-            ax.legend(
-                loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", markerscale=2.0, frameon=False
-            )
-    name = used.upper()
-    ax.set_xlabel(f"{name} 1")
-    ax.set_ylabel(f"{name} 2")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title is not None:
-        ax.set_title(title)
-    return fig
 
 
 # --------------------------------------------------------------------------- similarities
@@ -413,257 +242,6 @@ def plot_curves(
     return fig
 
 
-# --------------------------------------------------------------------------- images
-def _images_hwc(images, mean=None, std=None) -> np.ndarray:
-    """(N, 3|1, H, W) images -> (N, H, W, 3) float in [0, 1] for imshow.
-
-    uint8 is divided by 255. Floats are un-normalised with ``mean`` / ``std``
-    when given (per channel, as in ``mocolab.data.normalize``); floats
-    still outside [0, 1] are min-max rescaled image by image.
-    """
-    x = _to_numpy(images)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images must be (N, 3, H, W) or (N, 1, H, W), got shape {tuple(x.shape)}")
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    else:
-        x = x.astype(np.float32)
-        if std is not None:
-            x = x * np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-        if mean is not None:
-            x = x + np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        if x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
-            lo = x.min(axis=(1, 2, 3), keepdims=True)
-            hi = x.max(axis=(1, 2, 3), keepdims=True)
-            x = (x - lo) / np.maximum(hi - lo, 1e-12)
-        x = np.clip(x, 0.0, 1.0)
-    if x.shape[1] == 1:
-        x = np.repeat(x, 3, axis=1)
-    return x.transpose(0, 2, 3, 1)
-
-
-def plot_image_grid(
-    images,
-    titles: Optional[Sequence[str]] = None,
-    nrow: int = 8,
-    ax=None,
-    *,
-    pad: int = 2,
-    title: Optional[str] = None,
-    mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None,
-):
-    """A grid of images drawn as one mosaic on one axes.
-
-    Args:
-        images: (N, 3, H, W) uint8 tensor, or floats: in [0, 1], or
-            normalised (pass ``mean`` / ``std`` to undo it; otherwise each
-            image is min-max rescaled). 1 channel is shown grey.
-        titles: optional N short captions, drawn above each tile.
-        nrow: images per row (like ``torchvision.utils.make_grid``).
-        ax: axes to draw on; a new figure when None.
-        pad: white pixels between tiles.
-        title: axes title.
-        mean, std: per-channel normalisation to undo (e.g.
-            ``mocolab.data.CIFAR10_MEAN`` / ``CIFAR10_STD`` for augmented views).
-
-    Returns:
-        The matplotlib figure.
-
-    Shape:
-        images: (N, 3, H, W)
-
-    Raises:
-        ValueError: wrong image shape, nrow < 1, or len(titles) != N.
-    """
-    if nrow < 1:
-        raise ValueError(f"nrow must be >= 1, got {nrow}")
-    x = _images_hwc(images, mean, std)  # (N, H, W, 3)
-    n, h, w, _ = x.shape
-    if titles is not None and len(titles) != n:
-        raise ValueError(f"titles must have one entry per image ({n}), got {len(titles)}")
-    cols = min(nrow, n)
-    rows = math.ceil(n / cols)
-    top = 0 if titles is None else max(6, h // 3)  # room for the caption above each tile
-    mosaic = np.ones((rows * (h + pad + top) + pad, cols * (w + pad) + pad, 3), dtype=np.float32)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        y0 = pad + r * (h + pad + top) + top
-        x0 = pad + c * (w + pad)
-        mosaic[y0 : y0 + h, x0 : x0 + w] = x[i]
-    if ax is None:
-        scale = 1.2 if titles is not None else 1.0
-        fig, ax = _new_figure(figsize=(max(2.0, 1.1 * cols), max(1.5, 1.1 * scale * rows)))
-    else:
-        fig = ax.figure
-    ax.imshow(mosaic, interpolation="nearest")
-    if titles is not None:
-        for i, t in enumerate(titles):
-            r, c = divmod(i, cols)
-            ax.text(
-                pad + c * (w + pad) + w / 2,
-                pad + r * (h + pad + top) + top - 1,
-                str(t),
-                ha="center",
-                va="bottom",
-                fontsize="x-small",
-            )
-    ax.set_axis_off()
-    if title is not None:
-        ax.set_title(title)
-    return fig
-
-
-class Neighbours(NamedTuple):
-    """Result of :func:`nearest_and_hardest` (indices into the keys)."""
-
-    nearest: torch.Tensor  # (k,) long: most similar keys with the query's label
-    nearest_sims: torch.Tensor  # (k,)
-    hardest: torch.Tensor  # (k,) long: most similar keys with another label
-    hardest_sims: torch.Tensor  # (k,)
-
-
-def nearest_and_hardest(
-    q_feat,
-    key_feats,
-    key_labels,
-    query_label,
-    k: int = 5,
-    *,
-    exclude_index: Optional[int] = None,
-) -> Neighbours:
-    """A query's most similar positive keys and its hardest negatives.
-
-    Similarity is cosine (features are L2-normalised here). "Nearest" are
-    the k keys with the highest similarity among keys with the query's label
-    (same instance or same class, depending on what the labels mean);
-    "hardest negatives" are the k keys with the highest similarity among
-    keys with a different label. Ties are broken by the lower index.
-
-    Args:
-        q_feat: (C,) query feature.
-        key_feats: (M, C) key features.
-        key_labels: (M,) labels of the keys.
-        query_label: the query's label.
-        k: how many of each (fewer are returned when fewer exist).
-        exclude_index: a key index to leave out (the query itself when it is
-            in the keys).
-
-    Returns:
-        :class:`Neighbours` (nearest, nearest_sims, hardest, hardest_sims),
-        sorted by decreasing similarity.
-
-    Shape:
-        q_feat: (C,), key_feats: (M, C), key_labels: (M,) -> (k,) each
-
-    Raises:
-        ValueError: k < 1, or mismatched shapes.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    q = torch.as_tensor(q_feat).detach().float().cpu().reshape(-1)  # (C,)
-    keys = torch.as_tensor(key_feats).detach().float().cpu()  # (M, C)
-    labels = torch.as_tensor(key_labels).detach().cpu().reshape(-1)  # (M,)
-    if keys.ndim != 2 or keys.shape[1] != q.shape[0]:
-        raise ValueError(f"key_feats must be (M, {q.shape[0]}) to match q_feat, got {tuple(keys.shape)}")
-    if labels.shape[0] != keys.shape[0]:
-        raise ValueError(f"key_labels must have one label per key ({keys.shape[0]}), got {labels.shape[0]}")
-    q = torch.nn.functional.normalize(q, dim=0)
-    keys = torch.nn.functional.normalize(keys, dim=1)
-    sims = keys @ q  # (M,)
-    same = labels == torch.as_tensor(query_label)  # (M,)
-    valid = torch.ones_like(same)
-    if exclude_index is not None:
-        valid[exclude_index] = False
-
-    def top(mask: torch.Tensor):
-        idx = torch.nonzero(mask & valid).flatten()  # candidates, increasing index
-        order = torch.sort(-sims[idx], stable=True).indices[:k]
-        chosen = idx[order]
-        return chosen, sims[chosen]
-
-    nearest, nearest_sims = top(same)
-    hardest, hardest_sims = top(~same)
-    return Neighbours(nearest, nearest_sims, hardest, hardest_sims)
-
-
-def plot_neighbours(
-    query_img,
-    neighbour_imgs,
-    neighbour_sims,
-    hardest_neg_imgs,
-    hardest_neg_sims,
-    *,
-    neighbour_titles: Optional[Sequence[str]] = None,
-    hardest_titles: Optional[Sequence[str]] = None,
-    query_title: str = "query",
-    axes=None,
-    mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None,
-):
-    """Gallery: a query, its nearest keys and its hardest negatives.
-
-    Row 1: the query, then its nearest keys; row 2: its hardest negatives
-    (the most similar keys of another class). Each title shows the cosine
-    similarity to the query (plus ``*_titles`` when given, e.g. class names).
-
-    Args:
-        query_img: (3, H, W) uint8 image.
-        neighbour_imgs: (k, 3, H, W) nearest keys; neighbour_sims: (k,).
-        hardest_neg_imgs: (j, 3, H, W) hardest negatives; hardest_neg_sims: (j,).
-        neighbour_titles, hardest_titles: optional captions (class names).
-        query_title: caption of the query.
-        mean, std: normalisation to undo for float images (see :func:`plot_image_grid`).
-        axes: a (2, 1 + max(k, j)) array of axes; a new figure when None.
-
-    Returns:
-        The matplotlib figure.
-
-    Raises:
-        ValueError: numbers of images and similarities differ, or too few axes.
-    """
-    q = _images_hwc(query_img, mean, std)[0]
-    nb = _images_hwc(neighbour_imgs, mean, std) if len(neighbour_imgs) else np.zeros((0, 1, 1, 3))
-    hn = _images_hwc(hardest_neg_imgs, mean, std) if len(hardest_neg_imgs) else np.zeros((0, 1, 1, 3))
-    nb_s = _to_numpy(neighbour_sims, np.float64).ravel()
-    hn_s = _to_numpy(hardest_neg_sims, np.float64).ravel()
-    if len(nb) != len(nb_s) or len(hn) != len(hn_s):
-        raise ValueError(
-            f"one similarity per image: {len(nb)} neighbours vs {len(nb_s)} sims, "
-            f"{len(hn)} negatives vs {len(hn_s)} sims"
-        )
-    cols = 1 + max(len(nb), len(hn), 1)
-    if axes is None:
-        fig, axes = _new_figure(2, cols, figsize=(1.5 * cols, 3.6), squeeze=False)
-    else:
-        axes = np.asarray(axes, dtype=object)
-        if axes.ndim != 2 or axes.shape[0] < 2 or axes.shape[1] < cols:
-            raise ValueError(f"axes must be a (2, >= {cols}) array, got shape {axes.shape}")
-        fig = axes[0, 0].figure
-    for ax in np.ravel(axes):
-        ax.set_axis_off()
-    axes[0, 0].imshow(q, interpolation="nearest")
-    axes[0, 0].set_title(query_title, fontsize="small", fontweight="bold")
-    rows = (
-        (0, nb, nb_s, neighbour_titles, POS_COLOR, "nearest"),
-        (1, hn, hn_s, hardest_titles, NEG_COLOR, "hardest neg."),
-    )
-    for r, imgs, sims, names, color, label in rows:
-        for j in range(len(imgs)):
-            ax = axes[r, 1 + j]
-            ax.imshow(imgs[j], interpolation="nearest")
-            caption = f"{sims[j]:.2f}" if names is None else f"{names[j]}\n{sims[j]:.2f}"
-            ax.set_title(caption, fontsize="x-small", color=color)
-        if len(imgs):
-            axes[r, 1].text(
-                -0.08, 0.5, label, transform=axes[r, 1].transAxes, rotation=90,
-                ha="right", va="center", fontsize="small", color=color,
-            )
-    return fig
-
-
 # --------------------------------------------------------------------------- sweeps
 def _is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
@@ -722,10 +300,7 @@ def plot_sweep(
         order = sorted(all_x)
         pos = {x: float(x) for x in all_x}
         xs = sorted(xs)
-    if ax is None:
-        fig, ax = _new_figure(figsize=(5.0, 3.6))
-    else:
-        fig = ax.figure
+    fig, ax = _figure_for(ax, (5.0, 3.6))
     means, stds = [], []
     for x in xs:
         y = _to_numpy(values[x], np.float64).ravel()
@@ -759,4 +334,55 @@ def plot_sweep(
         ax.legend(fontsize="small", frameon=False)
     if title is not None:
         ax.set_title(title)
+    return fig
+
+
+# --------------------------------------------------------------------------- explorers
+def plot_temperature_softmax(result: Mapping[str, Any], ax=None):
+    """Bar plot of :func:`temperature_softmax` probabilities (positive in green)."""
+    fig, ax = _figure_for(ax, (6.0, 2.8))
+    p = result["probs"]
+    colors = ["tab:green"] + ["tab:red"] * (len(p) - 1)
+    ax.bar(np.arange(len(p)), p, color=colors)
+    ax.axhline(1.0 / len(p), color="gray", linestyle=":", linewidth=1, label="uniform 1/(K+1)")
+    ax.set_ylim(0, 1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("index (0 = positive, 1..K = negatives)")
+    ax.set_ylabel("softmax probability")
+    ax.set_title(f"T = {result['T']:.3g}: loss {result['loss']:.3f}, entropy {result['entropy']:.3f} nats")
+    ax.legend(fontsize="small", frameon=False, loc="upper right")
+    return fig
+
+
+def plot_ema_track(result: Mapping[str, Any], axes=None):
+    """Target vs EMA (top) and key drift per step (bottom) from :func:`ema_track`."""
+    if axes is None:
+        fig, axes = _new_figure(2, 1, figsize=(6.5, 4.0), sharex=True)
+    else:
+        fig = axes[0].figure
+    tgt, ema = result["target"], result["ema"]
+    if tgt.ndim == 2:  # vectors: show the first coordinate
+        tgt, ema = tgt[:, 0], ema[:, 0]
+    t = np.arange(len(tgt))
+    axes[0].plot(t, tgt, color="tab:blue", label="target (query encoder θq)")
+    axes[0].plot(t, ema, color="tab:orange", label=f"EMA (key encoder θk), m = {result['m']:g}")
+    axes[0].legend(fontsize="small", frameon=False)
+    axes[0].set_ylabel("value")
+    axes[1].plot(t, result["drift"], color="tab:orange")
+    axes[1].set_ylabel("drift per step")
+    axes[1].set_xlabel("step")
+    return fig
+
+
+def plot_queue_staleness(result: Mapping[str, Any], ax=None):
+    """Number of keys of each age in the queue, from :func:`queue_staleness`."""
+    fig, ax = _figure_for(ax, (6.0, 2.8))
+    ages, counts = np.unique(result["ages"], return_counts=True)
+    ax.bar(ages, counts, width=0.9 if len(ages) < 60 else 1.0, color="tab:purple")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("key age (steps since it was enqueued)")
+    ax.set_ylabel("keys in the queue")
+    ax.set_title(
+        f"K = {result['K']}, batch = {result['batch_size']}: oldest key {result['oldest_key_age_steps']} steps"
+    )
     return fig

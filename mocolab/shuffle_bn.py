@@ -9,32 +9,24 @@ MoCo shuffles the keys across GPUs before the key encoder, so the two sides
 are normalised over different subsets, and unshuffles afterwards.
 
 - :class:`SplitBatchNorm` simulates per-GPU BN on one device (the CIFAR-10 demo's way).
-- :func:`batch_shuffle` / :func:`batch_unshuffle` shuffle a batch across DDP ranks,
-  or within one batch when there is no process group.
-- :func:`concat_all_gather` gathers a tensor from all ranks, and returns it unchanged
-  with one rank or no process group at all.
+- :func:`batch_shuffle` / :func:`batch_unshuffle` shuffle a batch across DDP ranks (gathering it
+  with :func:`~mocolab.distributed.concat_all_gather`), or within one batch when there is no process group.
+- :data:`SHUFFLE_BN_MODES`: how :class:`~mocolab.moco.MoCo` may shuffle (``shuffle_bn=``).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SplitBatchNorm", "convert_split_bn", "concat_all_gather", "batch_shuffle", "batch_unshuffle",
-           "world_size", "rank"]
+from .checks import positive_int
+from .distributed import concat_all_gather, rank, world_size
 
+__all__ = ["SHUFFLE_BN_MODES", "SplitBatchNorm", "convert_split_bn", "batch_shuffle", "batch_unshuffle"]
 
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if _dist_on() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
+#: ``MoCo(shuffle_bn=...)``: "auto" ("ddp" under several processes, else "off"), "off", "split"
+#: (SplitBatchNorm, keys shuffled within the batch) or "ddp" (keys shuffled across processes).
+SHUFFLE_BN_MODES = ("auto", "off", "split", "ddp")
 
 
 class _GroupedBatchNorm(torch.autograd.Function):
@@ -99,9 +91,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     def __init__(self, num_features: int, num_splits: int = 8, **kw):
         super().__init__(num_features, **kw)
-        if int(num_splits) < 1:
-            raise ValueError(f"num_splits must be a positive integer, got {num_splits}")
-        self.num_splits = int(num_splits)
+        self.num_splits = positive_int(num_splits, "num_splits")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.num_splits == 1:
@@ -174,22 +164,6 @@ def convert_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, convert_split_bn(child, num_splits))
     return module
-
-
-@torch.no_grad()
-def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks along dim 0 (no gradient).
-
-    With no process group, or one rank, returns ``x`` itself.
-
-    Shape:
-        (N, ...) -> (W·N, ...)
-    """
-    if world_size() == 1:
-        return x
-    gathered = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(gathered, x.contiguous())
-    return torch.cat(gathered, dim=0)
 
 
 @torch.no_grad()

@@ -64,10 +64,10 @@ import torch.nn.functional as F
 import torchvision
 
 import mocolab
-from mocolab.data import BatchAugment, describe_augmentation, load_images
+from mocolab import BatchAugment, describe_augmentation, load_images
 from mocolab.evaluate import knn_accuracy
+from mocolab.gallery import plot_image_grid
 from mocolab.lesson import check_parameters
-from mocolab.plotting import plot_image_grid
 
 check_parameters(NUM_IMAGES=NUM_IMAGES, NUM_TEST=NUM_TEST, IMAGE_SIZE=IMAGE_SIZE, AUGMENTATION=AUGMENTATION, SEED=SEED)
 

@@ -57,8 +57,6 @@ from functools import partial
 
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import mocolab
 from mocolab.train import TrainConfig, fit
@@ -147,7 +145,7 @@ margin_loss = exercises.check("margin_loss", margin_loss)
 # %%
 views1 = augment(x_train[:8], generator=torch.Generator().manual_seed(SEED))
 views2 = augment(x_train[:8], generator=torch.Generator().manual_seed(SEED + 1))
-mean, std = mocolab.data.normalization_stats(x_train.shape[-1])
+mean, std = mocolab.datasets.normalization_stats(x_train.shape[-1])
 fig, axes = plt.subplots(3, 1, figsize=(6, 3.6))
 mocolab.plot_image_grid(x_train[:8], nrow=8, ax=axes[0], title="images")
 mocolab.plot_image_grid(views1, nrow=8, ax=axes[1], title="view 1", mean=mean, std=std)
@@ -162,41 +160,21 @@ fig.savefig(out / "pairs.png", dpi=100, bbox_inches="tight")
 # %% [markdown]
 # ## The margin model
 #
-# The only thing new in this lesson is how the pairs are scored, so it is a short module here. It has the
-# training interface that `mocolab.train.fit` expects from every model of the course:
-# `logits, labels = model(im_q, im_k, index=...)` and `loss = model.criterion(logits, labels)`.
+# The only thing new in this lesson is how the pairs are scored, so the model is short: `mocolab.MarginPairs`
+# (in `mocolab/baselines.py`). It has the training interface that `mocolab.train.fit` expects from every
+# model of the course (`mocolab.ContrastiveModel`): `logits, labels = model(im_q, im_k, index=...)` and
+# `loss = model.loss(logits, labels)`.
 #
 # - `z_q = normalize(encoder(im_q))`, `z_k = normalize(encoder(im_k))`: (N, DIM) unit vectors, the same
 #   embedding as the InfoNCE model below. On the unit sphere `D² = 2 − 2·cos`, so `MARGIN = 1` asks a
 #   negative pair for a cosine below ½, and two unrelated directions (cosine 0) sit at `D = √2`.
-# - pairs: `x1 = [z_q; z_q]`, `x2 = [z_k; roll(z_k, 1)]`, `Y = [0…0; 1…1]` (N positive, N negative pairs).
-# - the "logits" returned are the (N, N) cosines `z_q · z_kᵀ` with labels `arange(N)`: `fit` uses them
-#   only for the pretext accuracy (is my own other view my nearest one?).
+# - `forward` scores every pair of the batch by minus its squared distance, `logits[i, j] = −‖z_q[i] − z_k[j]‖²`
+#   (N, N), with labels `arange(N)`: `fit` uses them for the pretext accuracy (is my own other view the
+#   nearest one?).
+# - `loss` takes the pairs from these scores: N positive pairs `(z_q[i], z_k[i])` (the diagonal) and N
+#   negative pairs `(z_q[i], z_k[i − 1])`, `Y = [0…0; 1…1]`, and averages the margin loss over the 2N pairs.
 
 # %%
-class MarginPairs(nn.Module):
-    """Siamese encoder trained with the margin contrastive loss on N positive and N negative pairs per batch."""
-
-    def __init__(self, base_encoder, dim=128, margin=1.0):
-        super().__init__()
-        self.encoder_q = base_encoder(num_classes=dim)
-        self.margin = margin
-
-    def forward(self, im_q, im_k, index=None):
-        z_q = F.normalize(self.encoder_q(im_q), dim=1)  # (N, C)
-        z_k = F.normalize(self.encoder_q(im_k), dim=1)  # (N, C)
-        n = z_q.shape[0]
-        x1 = torch.cat([z_q, z_q])  # (2N, C)
-        x2 = torch.cat([z_k, z_k.roll(1, dims=0)])  # (2N, C): positives, then negatives
-        y = torch.cat([torch.zeros(n), torch.ones(n)]).to(z_q.device)  # (2N,)
-        self._pairs = (x1, x2, y)
-        logits = z_q @ z_k.t()  # (N, N) cosines, own view on the diagonal
-        return logits, torch.arange(n, device=z_q.device)
-
-    def criterion(self, logits, labels):
-        return mocolab.margin_contrastive_loss(*self._pairs, margin=self.margin)
-
-
 encoder_fn = partial(mocolab.ConvNet, width=WIDTH)
 
 # %% [markdown]
@@ -240,7 +218,7 @@ def recorder(model, curve, snapshots=None):
 
 
 mocolab.seed_everything(SEED)
-margin_model = MarginPairs(encoder_fn, dim=DIM, margin=MARGIN).to(device)
+margin_model = mocolab.MarginPairs(encoder_fn, dim=DIM, margin=MARGIN).to(device)
 snapshots[0] = mocolab.extract_features(margin_model.encoder_q, x_show)
 margin_curve = []
 margin_hist = fit(margin_model, x_train, augment, config, device=device,

@@ -62,9 +62,10 @@ from matplotlib.ticker import MaxNLocator
 
 import mocolab
 from mocolab import BatchAugment, ConvNet, KeyConsistencyProbe, Lesson, MoCo, accuracy_noise
+from mocolab.momentum import ema_track
 from mocolab.plotting import plot_sweep
 from mocolab.train import TrainConfig, fit
-from mocolab.widgets import ema_track, momentum_explorer
+from mocolab.widgets import momentum_explorer
 
 lesson = Lesson("05_momentum_encoder", OUTPUT_DIR, seed=SEED, device=DEVICE)
 out, device = lesson.out, lesson.device

@@ -58,7 +58,7 @@ OUTPUT_DIR = "runs/07_moco_full"  # where figures, metrics.json and the runs' ch
 # %% [markdown]
 # ## The recipe as one configuration
 #
-# `mocolab.train.pretrain` is the function behind the command line: it
+# `mocolab.pretrain.pretrain` is the function behind the command line: it
 # resolves the settings (preset → MoCo version → explicit options), loads the
 # data as one uint8 tensor on the training device, builds `MoCo`, trains it
 # with `fit` (augmentation batched on the device, kNN monitor, checkpoint
@@ -84,11 +84,12 @@ import torch
 
 import mocolab
 from mocolab import Lesson, compare_accuracies
-from mocolab.checkpoint import export_backbone, load_checkpoint
+from mocolab.checkpoint import load_checkpoint
 from mocolab.encoders import build_encoder
 from mocolab.evaluate import evaluate_knn
+from mocolab.interop import export_backbone
 from mocolab.lesson import check_parameters
-from mocolab.train import build_model, load_pretrain_data, pretrain, resolve_config
+from mocolab.pretrain import build_model, load_pretrain_data, pretrain, resolve_config
 
 check_parameters(NUM_IMAGES=NUM_IMAGES, EPOCHS=EPOCHS, BATCH_SIZE=BATCH_SIZE, K=K, BN_SPLITS=BN_SPLITS,
                  KNN_EVERY=KNN_EVERY, SEED=SEED)
@@ -455,10 +456,11 @@ for name, res in results.items():
 #    the queue of an uninterrupted run.
 # 3. With `COMPARE = True`, give the symmetric loss the same *time* as the
 #    recipe (half the epochs). Which wins now, beyond the band?
-# 4. Set `K = 4096` (the recipe's) with `NUM_IMAGES = 1000`. The queue then
-#    holds stale copies of each query's own image among its negatives: what
-#    happens to the kNN curve? (Hint: `model.queue_index` records where each
-#    key came from.)
+# 4. Set `K = 4096` (the recipe's) with `NUM_IMAGES = 1000`: `pretrain` refuses,
+#    because the queue would hold stale copies of each query's own image among
+#    its negatives. Build that model with `mocolab.MoCo` and train it with
+#    `mocolab.fit`, which does not refuse: what happens to the kNN curve?
+#    (Hint: `model.queue_index` records where each key came from.)
 # 5. Set `BN_SPLITS = 8` (groups of 8 images, as notebook 06 trained). How
 #    does the kNN accuracy change against the band?
 # 6. `benchmarks/throughput.py --amp --channels-last` on a GPU: how much of the

@@ -77,7 +77,8 @@ import torch
 
 from mocolab import (BatchAugment, ConvNet, Lesson, MoCo, backbone, compare_accuracies, extract_features,
                      knn_accuracy, knn_predict, linear_probe, load_images, per_class_subset, train_supervised)
-from mocolab.plotting import plot_curves, plot_image_grid
+from mocolab.gallery import plot_image_grid
+from mocolab.plotting import plot_curves
 from mocolab.train import TrainConfig, fit
 
 lesson = Lesson("08_evaluating_representations", OUTPUT_DIR, seed=SEED, device=DEVICE)

@@ -69,7 +69,10 @@ import torch.nn.functional as F
 
 from mocolab import (BatchAugment, ConvNet, Lesson, MoCo, alignment, collapse_std, compare_accuracies,
                      evaluate_knn, extract_features, similarity_stats, uniformity)
-from mocolab.plotting import embed_2d, nearest_and_hardest, plot_embedding, plot_neighbours, plot_similarity_histograms
+from mocolab.embedding import embed_2d
+from mocolab.gallery import plot_embedding, plot_neighbours
+from mocolab.metrics import nearest_and_hardest
+from mocolab.plotting import plot_similarity_histograms
 from mocolab.train import TrainConfig, fit
 
 lesson = Lesson("09_looking_inside", OUTPUT_DIR, seed=SEED, device=DEVICE)
@@ -232,17 +235,16 @@ print(f"alignment {align_hist[0]:.3f} → {align_hist[-1]:.3f} ({align_hist[-1] 
 # The collapse indicator is the std of the normalised features over the images, averaged over
 # dimensions (`mocolab.metrics.collapse_std`): 0 when all features are one vector, about 1/√C when
 # they spread over the sphere. We write the broken model as a 6-line subclass of `MoCo` that only
-# changes the logits (positive only) and the loss:
+# changes the logits (no negatives: the positive column alone) and the loss:
 
 # %%
 class NoNegatives(MoCo):
     """MoCo without negatives: the loss only pulls q towards k (BYOL without its predictor)."""
 
-    def _contrast(self, im_q, k, negatives):
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # (N, C)
-        return (q * k).sum(dim=1, keepdim=True) / self.T  # (N, 1): the positive logit only
+    def contrast(self, q, k, negatives, index=None):
+        return super().contrast(q, k, negatives[:, :0], index)  # (N, 1): the positive logit only
 
-    def criterion(self, logits, labels):
+    def loss(self, logits, labels):
         return (2 - 2 * self.T * logits).mean()  # E‖q − k‖² on the unit sphere
 
 

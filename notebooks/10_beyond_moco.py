@@ -73,10 +73,10 @@ OUTPUT_DIR = "runs/10_beyond_moco"  # figures and metrics.json go here
 # %% [markdown]
 # ## Setup
 #
-# Every method below is a model with the course's training interface
-# (`logits, labels = model(im_q, im_k, index=index)`, `loss = model.criterion(logits, labels)`),
-# so the same `mocolab.train.fit` trains all of them, with the same augmentations, optimiser and
-# kNN monitor. `train` below runs one method and keeps its kNN accuracy and training time.
+# Every method below is a model with the course's training interface, `mocolab.ContrastiveModel`
+# (`logits, labels = model(im_q, im_k, index=index)`, `loss = model.loss(logits, labels)`), so the
+# same `mocolab.train.fit` trains all of them, with the same augmentations, optimiser and kNN monitor.
+# `train` below runs one method and keeps its kNN accuracy and training time.
 
 # %%
 import copy
@@ -88,7 +88,7 @@ import torch.nn.functional as F
 
 import mocolab
 from mocolab import Lesson
-from mocolab.data import BatchAugment, load_images, normalize
+from mocolab import BatchAugment, load_images, normalize
 from mocolab.distill import ContrastiveDistill
 from mocolab.encoders import ConvNet
 from mocolab.evaluate import accuracy_noise, compare_accuracies, evaluate_knn

@@ -7,10 +7,10 @@ from functools import partial
 import pytest
 import torch
 
-from mocolab.checkpoint import (FORMAT, CheckpointError, clean_state_dict, export_backbone, load_checkpoint,
-                                load_moco_checkpoint_into_resnet, save_checkpoint)
-from mocolab.data import BatchAugment
+from mocolab.augment import BatchAugment
+from mocolab.checkpoint import FORMAT, CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
 from mocolab.encoders import ConvNet, cifar_resnet18
+from mocolab.interop import export_backbone, load_moco_checkpoint_into_resnet
 from mocolab.moco import MoCo
 from mocolab.train import NonFiniteLossError, TrainConfig, fit
 
@@ -117,13 +117,13 @@ def test_nan_loss_stops_the_run_and_leaves_the_last_checkpoint(tmp_path, monkeyp
     ckpt = tmp_path / "nan" / "checkpoint.pt"
     saved = {}
 
-    def criterion(logits, labels, original=model.criterion):
+    def loss(logits, labels, original=model.loss):
         loss = original(logits, labels)
         return loss * float("nan") if saved else loss
 
     def on_epoch(epoch, hist):  # after epoch 1 was checkpointed, the loss turns NaN
         saved.update({k: v.clone() for k, v in model.state_dict().items()})
-    monkeypatch.setattr(model, "criterion", criterion)
+    monkeypatch.setattr(model, "loss", loss)
     cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, knn_every=0, seed=3)
     with pytest.raises(NonFiniteLossError, match=r"epoch 2.*intact"):
         fit(model, images, BatchAugment(16), cfg, device="cpu", verbose=False, checkpoint=ckpt, on_epoch=on_epoch)
@@ -298,7 +298,7 @@ class OfficialMoCo(torch.nn.Module):
 
 
 def test_official_moco_state_dict_loads_and_exports(tmp_path):
-    from mocolab.checkpoint import export_official_moco, load_official_moco
+    from mocolab.interop import export_official_moco, load_official_moco
 
     official = OfficialMoCo()
     ref = official.state_dict()
@@ -310,7 +310,7 @@ def test_official_moco_state_dict_loads_and_exports(tmp_path):
     load_official_moco(model, tmp_path / "checkpoint_0199.pth.tar")
     for k, v in ref.items():
         assert torch.equal(model.state_dict()[k], v), k
-    assert int(model.queue_filled) == 48 and model.num_valid == 48 and int(model.queue_ptr) == 16
+    assert int(model.queue_filled) == 48 and model.negatives().shape[1] == 48 and int(model.queue_ptr) == 16
     assert bool((model.queue_index == -1).all()) and bool((model.queue_step == -1).all())
     assert int(model.queue_count) == 0
     logits, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))  # trains on from there
@@ -326,7 +326,7 @@ def test_official_moco_state_dict_loads_and_exports(tmp_path):
 
 
 def test_official_moco_of_another_size_is_a_clear_error(tmp_path):
-    from mocolab.checkpoint import load_official_moco
+    from mocolab.interop import load_official_moco
 
     with pytest.raises(CheckpointError, match=r"queue of shape \(8, 64\).*K=64"):
         load_official_moco(tiny_model(), OfficialMoCo(K=64).state_dict())

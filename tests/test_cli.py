@@ -91,9 +91,9 @@ def test_bad_numbers_and_paths_name_the_option_and_value(args, match, capsys):
 
 
 def test_unwritable_out_is_refused_before_any_data_loads(tmp_path, capsys, monkeypatch):
-    import mocolab.train
+    import mocolab.pretrain
 
-    monkeypatch.setattr(mocolab.train, "load_pretrain_data", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr(mocolab.pretrain, "load_pretrain_data", lambda *a, **k: pytest.fail("data loaded"))
     afile = tmp_path / "afile"
     afile.write_text("x")
     for out, match in ((afile, "is a file"), (afile / "run", "a part of the path is a file")):
@@ -131,14 +131,14 @@ def test_resume_may_change_lr_and_T_and_says_so(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*SMALL, "--out", str(out)]) == 0
     capsys.readouterr()
-    assert main([*SMALL, "--epochs", "2", "--lr", "0.03", "--T", "0.2", "--out", str(out), "--resume"]) == 0
+    assert main([*SMALL, "--epochs", "2", "--lr", "0.015", "--T", "0.2", "--out", str(out), "--resume"]) == 0
     said = capsys.readouterr().out
-    assert "resuming with" in said and "lr 0.03 (was 0.06)" in said and "T 0.2 (was 0.1)" in said
+    assert "resuming with" in said and "lr 0.015 (was 0.03)" in said and "T 0.2 (was 0.1)" in said
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["epochs"] == 2 and metrics["resume_changes"] == {"T": [0.1, 0.2], "lr": [0.06, 0.03]}
+    assert metrics["epochs"] == 2 and metrics["resume_changes"] == {"T": [0.1, 0.2], "lr": [0.03, 0.015]}
     assert main([*SMALL, "--epochs", "1", "--out", str(out), "--resume"]) == 1  # below the 2 epochs done
     err = capsys.readouterr().err
     assert "already trained 2 epochs" in err and "--epochs 1" in err and err.count("error:") == 1
-    assert main([*SMALL, "--epochs", "2", "--lr", "0.03", "--T", "0.2", "--out", str(out), "--resume"]) == 0
+    assert main([*SMALL, "--epochs", "2", "--lr", "0.015", "--T", "0.2", "--out", str(out), "--resume"]) == 0
     assert "already trained all 2 epochs: nothing to train" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 2

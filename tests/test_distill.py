@@ -28,7 +28,7 @@ def test_logits_oracle_and_enqueue(loss):
     torch.testing.assert_close(logits.detach(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.queue[:, :4], k.t())
     assert model.queue_index[:4].tolist() == [0, 1, 2, 3]
-    value = model.criterion(logits, labels)
+    value = model.loss(logits, labels)
     if loss == "crd":
         torch.testing.assert_close(value, F.cross_entropy(logits, labels))
     else:  # mean squared distance between the normalised features
@@ -43,7 +43,7 @@ def test_l2_gradient_ignores_the_negatives():
     model = ContrastiveDistill(student, teacher, dim=16, K=32, T=0.2, loss="l2")
     logits, labels = model(torch.randn(4, 3, 32, 32))
     logits.retain_grad()
-    model.criterion(logits, labels).backward()
+    model.loss(logits, labels).backward()
     assert float(logits.grad[:, 1:].abs().max()) == 0.0
 
 
@@ -60,7 +60,7 @@ def test_crd_initial_loss_near_ln_k_plus_1_with_collinear_features():
     model = ContrastiveDistill(Const(), Const(), dim=8, K=10, T=0.1, queue_init="empty")
     model.enqueue(F.normalize(torch.ones(10, 8), dim=1))
     logits, labels = model(torch.randn(3, 3, 4, 4))
-    assert model.criterion(logits, labels).item() == pytest.approx(math.log(11), rel=1e-5)
+    assert model.loss(logits, labels).item() == pytest.approx(math.log(11), rel=1e-5)
 
 
 def test_teacher_stays_frozen_in_eval_mode():
@@ -86,7 +86,7 @@ def test_teacher_view_other_uses_im_k():
 
 
 def test_trains_with_fit():
-    from mocolab.data import BatchAugment
+    from mocolab.augment import BatchAugment
     from mocolab.train import TrainConfig, fit
 
     student, teacher = pair()

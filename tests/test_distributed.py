@@ -59,7 +59,8 @@ def run_workers(tmp_path: Path, body: str, timeout: int = 240) -> None:
 
 def test_shuffle_unshuffle_and_gather_across_two_ranks(tmp_path):
     run_workers(tmp_path, """
-        from mocolab.shuffle_bn import batch_shuffle, batch_unshuffle, concat_all_gather
+        from mocolab.distributed import concat_all_gather
+        from mocolab.shuffle_bn import batch_shuffle, batch_unshuffle
 
         def worker(rank, world):
             setup(rank, world)
@@ -85,7 +86,7 @@ def test_shuffle_unshuffle_and_gather_across_two_ranks(tmp_path):
 
 def test_data_parallel_pretrain_on_two_ranks_then_resume_in_one_process(tmp_path, capsys):
     run_workers(tmp_path, """
-        from mocolab.train import pretrain
+        from mocolab.pretrain import pretrain
 
         def worker(rank, world):
             setup(rank, world)

@@ -102,7 +102,7 @@ def test_compare_accuracies_verdicts_follow_the_noise_band():
 
 def _knn_as_before(encoder, bank_x, bank_y, test_x, test_y, k, t):
     """The monitor as it was (features copied to the CPU batch by batch, the count read per chunk): the oracle."""
-    from mocolab.data import normalize
+    from mocolab.augment import normalize
 
     def feats(x):
         encoder.eval()

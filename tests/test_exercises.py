@@ -528,10 +528,10 @@ def test_headless_detection(monkeypatch):
 
 # ----------------------------------------------------------------------------- the widget exercise
 def test_temperature_for_mass():
-    sims = mocolab.widgets.default_similarities(16, 0)
+    sims = mocolab.metrics.default_similarities(16, 0)
     for mass in (0.5, 0.2, 0.9):
         T = exercises.temperature_for_mass(sims, mass)
-        assert mocolab.widgets.temperature_softmax(sims, T)["probs"][0] == pytest.approx(mass, abs=1e-6)
+        assert mocolab.metrics.temperature_softmax(sims, T)["probs"][0] == pytest.approx(mass, abs=1e-6)
     with pytest.raises(ValueError, match="most similar"):
         exercises.temperature_for_mass([0.1, 0.5, 0.2])
     with pytest.raises(ValueError, match="mass"):
@@ -541,7 +541,7 @@ def test_temperature_for_mass():
 def test_half_mass_headless_prints_the_check(capsys):
     assert exercises.half_mass_temperature(0.1) is None
     out = capsys.readouterr().out
-    answer = exercises.temperature_for_mass(mocolab.widgets.default_similarities(16, 0))
+    answer = exercises.temperature_for_mass(mocolab.metrics.default_similarities(16, 0))
     assert f"T = {answer:.3g}" in out and "Your prediction, T = 0.1" in out
     exercises.half_mass_temperature(None)
     assert "no prediction" in capsys.readouterr().out
@@ -553,7 +553,7 @@ def test_half_mass_widget_confirms_when_the_slider_reaches_it(monkeypatch):
     slider = box.controls["T"]
     text = lambda: box.output.outputs[0]["text"]  # noqa: E731
     assert "raise T" not in text() and "lower T" in text()  # at T = 1 the positive has far less than half
-    answer = exercises.temperature_for_mass(mocolab.widgets.default_similarities(16, 0))
+    answer = exercises.temperature_for_mass(mocolab.metrics.default_similarities(16, 0))
     slider.value = answer
     assert text().startswith("✓") and "Your prediction, T = 1" in text()
     slider.value = answer / 4

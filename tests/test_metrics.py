@@ -1,10 +1,12 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mocolab.metrics import alignment, collapse_std, key_consistency, similarity_stats, uniformity
+from mocolab.metrics import (alignment, collapse_std, default_similarities, key_consistency, nearest_and_hardest,
+                             similarity_stats, temperature_softmax, uniformity)
 
 
 def test_alignment_oracle():
@@ -53,7 +55,7 @@ def _train(model, probe, steps, n=4, lr=0.5):
     for step in range(steps):
         im_q, im_k = torch.randn(n, 3, 16, 16), torch.randn(n, 3, 16, 16)
         logits, labels = model(im_q, im_k)
-        loss = model.criterion(logits, labels)
+        loss = model.loss(logits, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -121,3 +123,98 @@ def test_probe_symmetric_model_and_bad_arguments():
         KeyConsistencyProbe(bn="frozen")
     with pytest.raises(ValueError, match="no step recorded"):
         KeyConsistencyProbe().measure(model)
+
+
+# --------------------------------------------------------------------------- temperature_softmax
+@pytest.mark.parametrize("T", [0.01, 0.07, 0.5, 1.0, 10.0])
+def test_temperature_softmax_properties_and_oracle(T):
+    sims = torch.rand(17, generator=torch.Generator().manual_seed(1)) * 2 - 1  # (K+1,)
+    r = temperature_softmax(sims, T)
+    assert r["probs"].shape == (17,)
+    assert r["probs"].sum() == pytest.approx(1.0, abs=1e-12)
+    # oracle: cross-entropy with the positive at index 0
+    expected = F.cross_entropy((sims.double() / T)[None], torch.zeros(1, dtype=torch.long))
+    assert r["loss"] == pytest.approx(float(expected), rel=1e-9, abs=1e-12)
+    p = torch.softmax(sims.double() / T, 0)
+    assert r["entropy"] == pytest.approx(float(-(p * p.clamp_min(1e-300).log()).sum()), rel=1e-9, abs=1e-12)
+    assert 0.0 <= r["entropy"] <= math.log(17) + 1e-12
+
+
+def test_temperature_softmax_small_T_is_one_hot_on_argmax():
+    sims = np.array([0.2, 0.9, -0.3, 0.5])
+    r = temperature_softmax(sims, 1e-4)
+    np.testing.assert_allclose(r["probs"], [0, 1, 0, 0], atol=1e-12)
+    assert r["entropy"] < 1e-6
+    assert r["loss"] == pytest.approx((0.9 - 0.2) / 1e-4, rel=1e-6)  # no overflow, no inf
+
+
+def test_temperature_softmax_large_T_is_uniform():
+    r = temperature_softmax(np.array([0.9, -0.5, 0.1]), 1e6)
+    np.testing.assert_allclose(r["probs"], np.full(3, 1 / 3), atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [1, 15, 4096])
+@pytest.mark.parametrize("T", [0.07, 1.0])
+def test_collinear_similarities_give_chance_loss(K, T):
+    r = temperature_softmax(np.full(K + 1, 0.37), T)
+    assert r["loss"] == pytest.approx(math.log(K + 1), rel=1e-12)
+    assert r["entropy"] == pytest.approx(math.log(K + 1), rel=1e-12)
+    assert r["chance_loss"] == pytest.approx(math.log(K + 1))
+
+
+@pytest.mark.parametrize("T", [0, -1, float("nan"), float("inf"), "0.1"])
+def test_temperature_softmax_rejects_bad_T(T):
+    with pytest.raises(ValueError, match="T must be"):
+        temperature_softmax([0.5, 0.1], T)
+
+
+def test_temperature_softmax_rejects_bad_similarities():
+    with pytest.raises(ValueError, match="at least one negative"):
+        temperature_softmax([0.5], 0.1)
+    with pytest.raises(ValueError, match="finite"):
+        temperature_softmax([0.5, float("nan")], 0.1)
+
+
+# --------------------------------------------------------------------------- nearest_and_hardest
+def _oracle(q, keys, labels, ql, k, exclude=None):
+    qn = q / q.norm()
+    kn = keys / keys.norm(dim=1, keepdim=True)
+    sims = [float(kn[i] @ qn) for i in range(len(keys))]
+    same = [i for i in range(len(keys)) if labels[i] == ql and i != exclude]
+    diff = [i for i in range(len(keys)) if labels[i] != ql and i != exclude]
+    near = sorted(same, key=lambda i: (-sims[i], i))[:k]
+    hard = sorted(diff, key=lambda i: (-sims[i], i))[:k]
+    return near, hard, sims
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nearest_and_hardest_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(40, 6, generator=g)  # (M, C)
+    labels = torch.randint(0, 3, (40,), generator=g)  # (M,)
+    q, ql = keys[5], int(labels[5])
+    res = nearest_and_hardest(q, keys, labels, ql, k=4, exclude_index=5)
+    near, hard, sims = _oracle(q, keys, labels, ql, 4, exclude=5)
+    assert res.nearest.tolist() == near
+    assert res.hardest.tolist() == hard
+    torch.testing.assert_close(res.nearest_sims, torch.tensor([sims[i] for i in near]), atol=1e-5, rtol=0)
+    assert all(labels[i] != ql for i in res.hardest)
+    # without exclusion the query itself is its own nearest key (similarity 1)
+    assert nearest_and_hardest(q, keys, labels, ql, k=1).nearest.tolist() == [5]
+
+
+def test_nearest_and_hardest_ties_and_few_candidates():
+    keys = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    res = nearest_and_hardest(torch.tensor([1.0, 0.0]), keys, [0, 1, 1, 0], 0, k=5)
+    assert res.nearest.tolist() == [0, 3]  # tie broken by index
+    assert res.hardest.tolist() == [1, 2]
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        nearest_and_hardest(keys[0], keys, [0, 1, 1, 0], 0, k=0)
+    with pytest.raises(ValueError, match="one label per key"):
+        nearest_and_hardest(keys[0], keys, [0, 1], 0)
+
+
+def test_default_similarities_positive_first_and_seeded():
+    s = default_similarities(8, seed=1)
+    assert s.shape == (9,) and s[0] == 0.6 and np.all(np.abs(s) <= 1)
+    np.testing.assert_array_equal(s, default_similarities(8, seed=1))

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mocolab.baselines import EndToEnd, MemoryBankModel
 from mocolab.encoders import ConvNet
-from mocolab.moco import EndToEnd, MemoryBankModel, MoCo
+from mocolab.moco import MoCo
 from mocolab.syncs import count_host_syncs
 
 
@@ -74,10 +75,25 @@ def test_official_names_and_state_dict_keys():
     torch.testing.assert_close(model.queue.norm(dim=0), torch.ones(32))
 
 
+def test_an_official_state_dict_loads_strictly():
+    """The official builder's state dict has only encoder_q.*, encoder_k.*, queue and queue_ptr."""
+    src = MoCo(small_encoder, dim=16, K=32)
+    src(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))  # ptr 4
+    official = {k: v.clone() for k, v in src.state_dict().items() if not k.startswith("queue_") or k == "queue_ptr"}
+    assert not {"queue_filled", "queue_index", "queue_step", "queue_count"} & set(official)
+    model = MoCo(small_encoder, dim=16, K=32, queue_init="empty")
+    model.load_state_dict(official)  # strict
+    torch.testing.assert_close(model.queue, src.queue)
+    assert int(model.queue_ptr) == 4 and int(model.queue_filled) == 32 and model.negatives().shape == (16, 32)
+    assert (model.queue_index == -1).all() and (model.queue_step == -1).all()
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        model.load_state_dict({**official, "extra": torch.zeros(1)})
+
+
 def test_no_gradient_reaches_key_branch():
     model = MoCo(small_encoder, dim=16, K=32, m=0.99)
     logits, labels = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
-    model.criterion(logits, labels).backward()
+    model.loss(logits, labels).backward()
     assert all(p.grad is None for p in model.encoder_k.parameters())
     assert all(not p.requires_grad for p in model.encoder_k.parameters())
     assert all(p.grad is not None for p in model.encoder_q.parameters())
@@ -90,10 +106,10 @@ def test_initial_loss_is_about_ln_k_plus_1():
     x = torch.randn(64, 3, 16, 16)
     logits, labels = model(x, x)
     # q and k identical at init: the positive stands out, so just bound it
-    assert model.criterion(logits, labels).item() < math.log(1025)
+    assert model.loss(logits, labels).item() < math.log(1025)
     model2 = MoCo(small_encoder, dim=128, K=1024, T=100.0)  # at huge T every candidate looks alike
     logits, labels = model2(torch.randn(64, 3, 16, 16), torch.randn(64, 3, 16, 16))
-    assert model2.criterion(logits, labels).item() == pytest.approx(math.log(1025), abs=1e-2)
+    assert model2.loss(logits, labels).item() == pytest.approx(math.log(1025), abs=1e-2)
 
 
 def test_any_K_wraps_around_and_empty_queue():
@@ -113,7 +129,7 @@ def test_split_bn_mode_and_symmetric():
     im_q, im_k = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
     logits, labels = model(im_q, im_k, index=torch.arange(8))
     assert logits.shape == (16, 33) and int(model.queue_ptr) == 16
-    loss = model.criterion(logits, labels)
+    loss = model.loss(logits, labels)
     assert loss.item() == pytest.approx(2 * F.cross_entropy(logits, labels).item())
 
 
@@ -162,7 +178,7 @@ def test_end_to_end_baseline():
     model = EndToEnd(small_encoder, dim=16, T=0.1)
     logits, labels = model(torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16))
     assert logits.shape == (6, 6) and labels.tolist() == list(range(6))
-    model.criterion(logits, labels).backward()
+    model.loss(logits, labels).backward()
     assert model.encoder_q.fc.weight.grad is not None
 
 
@@ -174,7 +190,7 @@ def test_memory_bank_baseline(loss):
     logits, labels = model(torch.randn(6, 3, 16, 16), None, index=index)
     assert logits.shape == (6, 21)
     assert not torch.equal(model.bank.memory[index], before)
-    assert torch.isfinite(model.criterion(logits, labels))
+    assert torch.isfinite(model.loss(logits, labels))
     with pytest.raises(ValueError, match="index"):
         model(torch.randn(2, 3, 16, 16))
 
@@ -192,7 +208,7 @@ def test_step_makes_no_host_sync(kw):
     with count_host_syncs(strict=True):
         for _ in range(3):  # the empty queue fills and wraps around
             logits, labels = model(im_q, im_k, index=torch.arange(8))
-            model.criterion(logits, labels).backward()
+            model.loss(logits, labels).backward()
     assert int(model.queue_count) == 3 and logits.shape[1] == 1 + model.K  # the empty queue is full by now
 
 
@@ -240,7 +256,7 @@ def test_contrast_is_fp32_under_bf16_autocast():
     expected = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives], dim=1) / 0.1
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(model.queue[:, :8], k.t())  # the fp32 keys were enqueued
-    model.criterion(logits, labels).backward()
+    model.loss(logits, labels).backward()
     assert model.encoder_q.fc.weight.grad is not None
 
 
@@ -254,7 +270,7 @@ def test_logits_keep_their_negatives_after_the_enqueue():
     assert not torch.equal(model.queue, old)
     (grad,) = torch.autograd.grad(logits[:, 1:].sum(), model.encoder_q.fc.bias)  # through l_neg only
     k = torch.zeros(8, 16, dtype=torch.double)
-    ref = model._contrast(im_q, k, old)
+    ref = model.contrast(model.encoder_q(im_q), k, old)
     (grad_ref,) = torch.autograd.grad(ref[:, 1:].sum(), model.encoder_q.fc.bias)
     torch.testing.assert_close(grad, grad_ref)
     torch.testing.assert_close(logits[:, 1:], ref[:, 1:])

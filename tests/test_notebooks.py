@@ -65,7 +65,7 @@ CI_PARAMETERS: dict[str, dict] = {
                                       "TRANSFER_NUM_IMAGES": 200, "TRANSFER_NUM_TEST": 100},
     "09_looking_inside": {"NUM_IMAGES": 256, "NUM_EVAL": 128, "PROBE_BATCH": 64, "WIDTH": 16, "K": 128, "EPOCHS": 1,
                           "BATCH_SIZE": 64, "EMBEDDING_METHOD": "pca", "GALLERY_QUERIES": 2},
-    "07_moco_full": {"NUM_IMAGES": 128, "EPOCHS": 2, "BATCH_SIZE": 32, "K": 128, "KNN_EVERY": 1, "COMPARE": True},
+    "07_moco_full": {"NUM_IMAGES": 128, "EPOCHS": 2, "BATCH_SIZE": 32, "K": 64, "KNN_EVERY": 1, "COMPARE": True},
     "10_beyond_moco": {"NUM_IMAGES": 128, "NUM_TEST": 64, "WIDTH": 8, "CMC_WIDTH": 4, "STUDENT_WIDTH": 4, "K": 64,
                        "EPOCHS": 1, "CMC_EPOCHS": 1, "BATCH_SIZE": 32, "MOCHI_N_HARD": 8, "MOCHI_S": 8, "MOCHI_S_PRIME": 2,
                        "MOCHI_WARMUP_EPOCHS": 0, "NUM_CLUSTERS": 4, "RECLUSTER_EVERY": 2, "CLUSTER_WARMUP_EPOCHS": 0, "KNN_K": 10},

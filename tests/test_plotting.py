@@ -1,4 +1,5 @@
-"""Tests for mocolab.plotting: figures are returned, axes respected, no global style change."""
+"""Tests for the views (mocolab.plotting, mocolab.gallery, mocolab.embedding): figures are returned, axes
+respected, no global style change."""
 import os
 import sys
 import warnings
@@ -14,7 +15,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from mocolab import embedding as E  # noqa: E402
+from mocolab import gallery as G  # noqa: E402
 from mocolab import plotting as P  # noqa: E402
+from mocolab.metrics import temperature_softmax  # noqa: E402
+from mocolab.momentum import ema_track  # noqa: E402
+from mocolab.queue import queue_staleness  # noqa: E402
 
 
 @pytest.fixture
@@ -45,8 +51,8 @@ def _given_ax(ncols=1, nrows=1):
 # --------------------------------------------------------------------------- embed_2d
 def test_embed_2d_pca_shape_and_determinism(data):
     x, _ = data
-    a, used = P.embed_2d(x, method="pca", return_method=True)
-    b = P.embed_2d(x.numpy(), method="pca")
+    a, used = E.embed_2d(x, method="pca", return_method=True)
+    b = E.embed_2d(x.numpy(), method="pca")
     assert used == "pca" and a.shape == (60, 2)
     np.testing.assert_allclose(a, b, atol=1e-10)
     # PCA oracle: the variance captured equals the top two singular values squared
@@ -59,16 +65,16 @@ def test_embed_2d_falls_back_to_pca_without_umap(monkeypatch, data):
     x, _ = data
     monkeypatch.setitem(sys.modules, "umap", None)  # `import umap` now raises ImportError
     with pytest.warns(UserWarning, match="falling back to PCA"):
-        out, used = P.embed_2d(x, method="umap", return_method=True)
+        out, used = E.embed_2d(x, method="umap", return_method=True)
     assert used == "pca"
-    np.testing.assert_allclose(out, P.embed_2d(x, method="pca"))
+    np.testing.assert_allclose(out, E.embed_2d(x, method="pca"))
 
 
 def test_plot_embedding_falls_back_and_labels_axes(monkeypatch, data, rc_unchanged):
     x, y = data
     monkeypatch.setitem(sys.modules, "umap", None)
     with pytest.warns(UserWarning, match="PCA"):
-        fig = P.plot_embedding(x, y, classes=["a", "b", "c", "d"], method="umap")
+        fig = G.plot_embedding(x, y, classes=["a", "b", "c", "d"], method="umap")
     ax = fig.axes[0]
     assert ax.get_xlabel() == "PCA 1"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "c", "d"]
@@ -76,27 +82,27 @@ def test_plot_embedding_falls_back_and_labels_axes(monkeypatch, data, rc_unchang
 
 def test_embed_2d_few_points_warns():
     with pytest.warns(UserWarning, match="at least 5"):
-        out, used = P.embed_2d(np.random.rand(3, 4), method="umap", return_method=True)
+        out, used = E.embed_2d(np.random.rand(3, 4), method="umap", return_method=True)
     assert used == "pca" and out.shape == (3, 2)
 
 
 def test_embed_2d_bad_input():
     with pytest.raises(ValueError, match="method must be one of"):
-        P.embed_2d(np.zeros((4, 3)), method="tsne")
+        E.embed_2d(np.zeros((4, 3)), method="tsne")
     with pytest.raises(ValueError, match=r"\(N, C\)"):
-        P.embed_2d(np.zeros(5), method="pca")
+        E.embed_2d(np.zeros(5), method="pca")
 
 
 def test_plot_embedding_precomputed_2d_on_given_ax(data, rc_unchanged):
     x, y = data
-    xy = P.embed_2d(x, "pca")
+    xy = E.embed_2d(x, "pca")
     fig, axes = _given_ax()
-    out = P.plot_embedding(xy, y, ax=axes[0, 0], method="pca", title="t")
+    out = G.plot_embedding(xy, y, ax=axes[0, 0], method="pca", title="t")
     assert out is fig
     assert axes[0, 0].get_title() == "t"
     assert len(axes[0, 0].collections) == 4  # one scatter per class
     with pytest.raises(ValueError, match="one entry per point"):
-        P.plot_embedding(xy, y[:10], method="pca")
+        G.plot_embedding(xy, y[:10], method="pca")
 
 
 @pytest.mark.slow
@@ -104,7 +110,7 @@ def test_embed_2d_umap(data):
     x, _ = data
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out, used = P.embed_2d(x, method="umap", return_method=True)
+        out, used = E.embed_2d(x, method="umap", return_method=True)
     assert used == "umap" and out.shape == (60, 2) and np.isfinite(out).all()
 
 
@@ -172,7 +178,7 @@ def test_plot_curves_sparse_metric_and_given_axes():
 # --------------------------------------------------------------------------- images and neighbours
 def test_plot_image_grid(rc_unchanged):
     imgs = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
-    fig = P.plot_image_grid(imgs, titles=[str(i) for i in range(10)], nrow=4)
+    fig = G.plot_image_grid(imgs, titles=[str(i) for i in range(10)], nrow=4)
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
     assert len(ax.images) == 1 and len(ax.texts) == 10
@@ -180,72 +186,34 @@ def test_plot_image_grid(rc_unchanged):
     # first tile sits at (pad + caption room, pad) and equals image 0
     np.testing.assert_allclose(mosaic[8 : 8 + 8, 2 : 2 + 8], imgs[0].permute(1, 2, 0).numpy() / 255.0, atol=1e-6)
     given, axes = _given_ax()
-    assert P.plot_image_grid(imgs.float() / 255, ax=axes[0, 0]) is given
+    assert G.plot_image_grid(imgs.float() / 255, ax=axes[0, 0]) is given
     with pytest.raises(ValueError, match="one entry per image"):
-        P.plot_image_grid(imgs, titles=["a"])
+        G.plot_image_grid(imgs, titles=["a"])
     # normalised floats: mean / std undo the normalisation exactly
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
     m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    fig = P.plot_image_grid((imgs.float() / 255 - m) / sd, nrow=4, mean=mean, std=std, pad=0)
+    fig = G.plot_image_grid((imgs.float() / 255 - m) / sd, nrow=4, mean=mean, std=std, pad=0)
     tile = fig.axes[0].images[0].get_array()[:8, :8]
     np.testing.assert_allclose(tile, imgs[0].permute(1, 2, 0).numpy() / 255.0, atol=1e-5)
-    fig = P.plot_image_grid((imgs.float() / 255 - m) / sd, nrow=4, pad=0)  # no stats: rescaled into [0, 1]
+    fig = G.plot_image_grid((imgs.float() / 255 - m) / sd, nrow=4, pad=0)  # no stats: rescaled into [0, 1]
     arr = fig.axes[0].images[0].get_array()
     assert arr.min() >= 0 and arr.max() <= 1
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
-        P.plot_image_grid(torch.zeros(2, 5, 4, 4))
-
-
-def _oracle(q, keys, labels, ql, k, exclude=None):
-    qn = q / q.norm()
-    kn = keys / keys.norm(dim=1, keepdim=True)
-    sims = [float(kn[i] @ qn) for i in range(len(keys))]
-    same = [i for i in range(len(keys)) if labels[i] == ql and i != exclude]
-    diff = [i for i in range(len(keys)) if labels[i] != ql and i != exclude]
-    near = sorted(same, key=lambda i: (-sims[i], i))[:k]
-    hard = sorted(diff, key=lambda i: (-sims[i], i))[:k]
-    return near, hard, sims
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_nearest_and_hardest_matches_brute_force(seed):
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(40, 6, generator=g)  # (M, C)
-    labels = torch.randint(0, 3, (40,), generator=g)  # (M,)
-    q, ql = keys[5], int(labels[5])
-    res = P.nearest_and_hardest(q, keys, labels, ql, k=4, exclude_index=5)
-    near, hard, sims = _oracle(q, keys, labels, ql, 4, exclude=5)
-    assert res.nearest.tolist() == near
-    assert res.hardest.tolist() == hard
-    torch.testing.assert_close(res.nearest_sims, torch.tensor([sims[i] for i in near]), atol=1e-5, rtol=0)
-    assert all(labels[i] != ql for i in res.hardest)
-    # without exclusion the query itself is its own nearest key (similarity 1)
-    assert P.nearest_and_hardest(q, keys, labels, ql, k=1).nearest.tolist() == [5]
-
-
-def test_nearest_and_hardest_ties_and_few_candidates():
-    keys = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
-    res = P.nearest_and_hardest(torch.tensor([1.0, 0.0]), keys, [0, 1, 1, 0], 0, k=5)
-    assert res.nearest.tolist() == [0, 3]  # tie broken by index
-    assert res.hardest.tolist() == [1, 2]
-    with pytest.raises(ValueError, match="k must be >= 1"):
-        P.nearest_and_hardest(keys[0], keys, [0, 1, 1, 0], 0, k=0)
-    with pytest.raises(ValueError, match="one label per key"):
-        P.nearest_and_hardest(keys[0], keys, [0, 1], 0)
+        G.plot_image_grid(torch.zeros(2, 5, 4, 4))
 
 
 def test_plot_neighbours(rc_unchanged):
     imgs = torch.randint(0, 256, (7, 3, 8, 8), dtype=torch.uint8)
-    fig = P.plot_neighbours(
+    fig = G.plot_neighbours(
         imgs[0], imgs[1:4], torch.tensor([0.9, 0.8, 0.7]), imgs[4:6], [0.6, 0.5], hardest_titles=["cat", "dog"]
     )
     assert isinstance(fig, Figure)
     titles = [a.get_title() for a in fig.axes]
     assert "query" in titles and "0.90" in titles and "cat\n0.60" in titles
     given, axes = _given_ax(ncols=4, nrows=2)
-    assert P.plot_neighbours(imgs[0], imgs[1:4], [0.9, 0.8, 0.7], imgs[4:6], [0.6, 0.5], axes=axes) is given
+    assert G.plot_neighbours(imgs[0], imgs[1:4], [0.9, 0.8, 0.7], imgs[4:6], [0.6, 0.5], axes=axes) is given
     with pytest.raises(ValueError, match="one similarity per image"):
-        P.plot_neighbours(imgs[0], imgs[1:4], [0.9], imgs[4:6], [0.6, 0.5])
+        G.plot_neighbours(imgs[0], imgs[1:4], [0.9], imgs[4:6], [0.6, 0.5])
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -274,6 +242,19 @@ def test_no_pyplot_figures_left_open(data):
 
     before = plt.get_fignums()
     x, y = data
-    P.plot_embedding(P.embed_2d(x, "pca"), y, method="pca")
+    G.plot_embedding(E.embed_2d(x, "pca"), y, method="pca")
     P.plot_curves({"loss": [1, 2]})
     assert plt.get_fignums() == before
+
+
+def test_explorer_plots_do_not_touch_pyplot_or_rcparams():
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    rc = dict(matplotlib.rcParams)
+    P.plot_temperature_softmax(temperature_softmax([0.5, 0.1, 0.0], 0.1))
+    P.plot_ema_track(ema_track(0.9, 20))
+    P.plot_queue_staleness(queue_staleness(100, 32))
+    assert plt.get_fignums() == before
+    assert dict(matplotlib.rcParams) == rc

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mocolab.shuffle_bn import SplitBatchNorm, batch_shuffle, batch_unshuffle, concat_all_gather, convert_split_bn
+from mocolab.distributed import concat_all_gather
+from mocolab.shuffle_bn import SplitBatchNorm, batch_shuffle, batch_unshuffle, convert_split_bn
 from mocolab.syncs import count_host_syncs
 
 

@@ -8,12 +8,13 @@ from functools import partial
 import pytest
 import torch
 
-from mocolab.data import BatchAugment
+from mocolab.augment import BatchAugment
+from mocolab.baselines import EndToEnd, MemoryBankModel
 from mocolab.distributed import shard
 from mocolab.encoders import ConvNet
-from mocolab.moco import EndToEnd, MemoryBankModel, MoCo
-from mocolab.train import (PRESETS, VERSIONS, TrainConfig, build_model, choose_queue_size, fit, lr_at,
-                           make_optimizer, pretrain, resolve_config)
+from mocolab.moco import MoCo
+from mocolab.pretrain import PRESETS, VERSIONS, build_model, choose_queue_size, pretrain, resolve_config
+from mocolab.train import TrainConfig, fit, lr_at, make_optimizer
 
 HISTORY_KEYS = {"epoch", "loss", "pretext_acc", "lr", "knn_epoch", "knn_acc", "step_loss", "images_per_second",
                 "train_seconds", "device"}
@@ -50,7 +51,7 @@ def test_fit_equals_a_plain_loop():
             for g in opt.param_groups:
                 g["lr"] = 0.1 * 0.5 * (1 + math.cos(math.pi * step / total))
             logits, lab = ref(im_q, im_k, index=idx)
-            loss = ref.criterion(logits, lab)
+            loss = ref.loss(logits, lab)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -224,10 +225,10 @@ def test_resume_applies_a_new_lr_T_and_weight_decay(tmp_path):
 
     out = tmp_path / "run"
     pretrain(dict(SMALL, schedule="constant", out=str(out)), verbose=False)
-    res = pretrain(dict(SMALL, schedule="constant", epochs=2, lr=0.03, T=0.2, weight_decay=1e-4, out=str(out),
+    res = pretrain(dict(SMALL, schedule="constant", epochs=2, lr=0.015, T=0.2, weight_decay=1e-4, out=str(out),
                         resume=True), verbose=False)
-    assert res.model.T == 0.2 and res.history["lr"] == [0.06, 0.03]
-    assert res.metrics["resume_changes"] == {"T": [0.1, 0.2], "lr": [0.06, 0.03], "weight_decay": [5e-4, 1e-4]}
+    assert res.model.T == 0.2 and res.history["lr"] == [0.03, 0.015]
+    assert res.metrics["resume_changes"] == {"T": [0.1, 0.2], "lr": [0.03, 0.015], "weight_decay": [5e-4, 1e-4]}
     state = load_checkpoint(out / "checkpoint.pt")
     assert [(g["lr"], g["weight_decay"]) for g in state["optimizer"]["param_groups"]] == [(0.03, 1e-4)]
     assert state["config"]["lr"] == 0.03 and state["epoch"] == 2
