@@ -21,7 +21,7 @@ help:
 	@echo "mocolab — contrastive self-supervised learning up to MoCo"
 	@echo
 	@echo "  make tour       run every notebook with its default parameters -> runs/tour/index.html"
-	@echo "  make test       unit tests, then every notebook through papermill at CI size"
+	@echo "  make test       ruff, the unit tests, then every notebook through papermill at CI size"
 	@echo "  make lab        JupyterLab on http://127.0.0.1 with the mocolab environment"
 	@echo "  make setup      create $(VENV) and install mocolab with its dev extras (once)"
 	@echo "  make notebooks  regenerate notebooks/*.ipynb from notebooks/*.py"
@@ -46,7 +46,7 @@ $(STAMP): pyproject.toml | $(PYTHON)
 setup: $(STAMP)
 
 test: setup
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m ruff check . && $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 tour: setup
 	$(PYTHON) tools/tour.py $(TOUR_ARGS)
@@ -61,7 +61,7 @@ solutions: setup
 	$(PYTHON) -m mocolab.exercises notebooks/solutions/solutions.py
 
 clean:
-	rm -rf runs notebooks/runs .pytest_cache build dist *.egg-info
+	rm -rf runs notebooks/runs .pytest_cache .ruff_cache build dist *.egg-info
 	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +
 	find notebooks -name .ipynb_checkpoints -type d -prune -exec rm -rf {} + 2>/dev/null || true
 

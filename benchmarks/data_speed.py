@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 
@@ -68,7 +69,7 @@ def main() -> None:
         source = torch.nn.functional.interpolate(make_shapes(n)[0].float(), size=size).to(torch.uint8).to(device)
         for preset in ("v1", "v2"):
             aug = BatchAugment(size, preset=preset).to(device)
-            ms = best_ms(lambda: aug(source), args.repeats, sync)
+            ms = best_ms(partial(aug, source), args.repeats, sync)
             print(f"BatchAugment {preset} {size:3d}px: {ms:8.2f} ms per batch ({n / ms * 1000:,.0f} images/s)")
     pil = torchvision_v2(32)
     from PIL import Image

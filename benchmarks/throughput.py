@@ -226,7 +226,8 @@ def measure_syncs(args, dev) -> dict:
         counts[steps] = _sync_count(c)
         ops[steps] = Counter(getattr(c, "ops", None) or getattr(c, "by_method", None) or {})
     per_op = {k: (ops[6][k] - ops[2][k]) / 4 for k in ops[6] if ops[6][k] != ops[2][k]}
-    return {"syncs_per_step": (counts[6] - counts[2]) / 4, "syncs_per_epoch_and_setup": counts[2] - 2 * (counts[6] - counts[2]) / 4,
+    return {"syncs_per_step": (counts[6] - counts[2]) / 4,
+            "syncs_per_epoch_and_setup": counts[2] - 2 * (counts[6] - counts[2]) / 4,
             "per_op": per_op, "counter": "mocolab.syncs" if _library_counter else "benchmarks/throughput.py"}
 
 
@@ -252,7 +253,8 @@ def measure_save(args, dev, reps: int = 3) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--arch", help="convnet | resnet18-cifar | ... (default: convnet on a CPU, resnet18-cifar on a GPU)")
+    ap.add_argument("--arch",
+                    help="convnet | resnet18-cifar | ... (default: convnet on a CPU, resnet18-cifar on a GPU)")
     ap.add_argument("--width", type=int, default=32, help="ConvNet width")
     ap.add_argument("--batch-size", type=int, help="default: 512 on a GPU (the recipe), 128 on a CPU")
     ap.add_argument("--steps", type=int, help="steps per timed epoch (default: 40 on a GPU, 4 on a CPU)")
@@ -264,7 +266,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--end-to-end", action="store_true",
                     help="also run fit with the kNN monitor and a checkpoint every epoch (the projection's check)")
     ap.add_argument("--save-every", type=int, default=10, help="epochs between checkpoints in the projection")
-    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (default: on for CUDA)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
@@ -293,7 +296,8 @@ def main(argv=None) -> dict:
     aug = measure_augment(args, dev, args.reps)
     r["augment_views_per_s"] = {k: 2 * args.batch_size / v for k, v in aug.items()}
     knn = measure_knn(args, dev, bank_n, test_n, args.reps)
-    r["knn_images_per_s"], r["knn_s"], r["knn_on_device"] = (bank_n + test_n) / knn["knn_s"], knn["knn_s"], knn["on_device"]
+    r["knn_images_per_s"] = (bank_n + test_n) / knn["knn_s"]
+    r["knn_s"], r["knn_on_device"] = knn["knn_s"], knn["on_device"]
     r["save_s"] = measure_save(args, dev)
     if not args.no_syncs:
         r.update(measure_syncs(args, dev))
@@ -315,7 +319,8 @@ def main(argv=None) -> dict:
     a = r["augment_views_per_s"]
     rows = [("training step (fit, augmentation included)", f"{r['step_images_per_s']:10.0f} images/s"),
             ("augmentation, 2 calls of N", f"{a['two_calls']:10.0f} views/s"),
-            ("augmentation, 1 call of 2N", f"{a['one_call_2n']:10.0f} views/s  (x{a['one_call_2n'] / a['two_calls']:.2f})"),
+            ("augmentation, 1 call of 2N",
+             f"{a['one_call_2n']:10.0f} views/s  (x{a['one_call_2n'] / a['two_calls']:.2f})"),
             (f"kNN monitor ({bank_n} bank + {test_n} queries{', on the device' if knn['on_device'] else ''})",
              f"{r['knn_images_per_s']:10.0f} images/s ({r['knn_s']:.2f} s)"),
             ("checkpoint write", f"{r['save_s']:10.3f} s")]
@@ -327,7 +332,8 @@ def main(argv=None) -> dict:
     rows.append((f"200 epochs projected (kNN every epoch, checkpoint every {args.save_every})",
                  f"{r['projected_200_epochs_min']:10.1f} min"))
     if args.end_to_end:
-        rows.append(("200 epochs from fit with kNN + checkpoint every epoch", f"{r['end_to_end_projected_200_epochs_min']:10.1f} min"))
+        rows.append(("200 epochs from fit with kNN + checkpoint every epoch",
+                     f"{r['end_to_end_projected_200_epochs_min']:10.1f} min"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")

@@ -8,31 +8,55 @@ from __future__ import annotations
 
 import importlib
 
-from .device import get_device, seed_everything
-from .encoders import ConvNet, add_mlp_head, backbone, build_encoder, cifar_resnet18, torchvision_resnet
-from .evaluate import (accuracy_noise, compare_accuracies, evaluate_knn, extract_features, knn_accuracy, knn_predict,
-                       linear_probe, per_class_subset, train_supervised)
-from .losses import (NCECriterion, debiased_infonce_loss, infonce_logits, infonce_loss, margin_contrastive_loss,
-                     nce_loss, npair_loss)
-from .memory_bank import MemoryBank
-from .metrics import (KeyConsistencyProbe, alignment, collapse_std, key_consistency, nearest_and_hardest,
-                      similarity_stats, temperature_softmax, uniformity)
-from .interface import ContrastiveModel
+from .augment import BatchAugment, denormalize, describe_augmentation, normalize
 from .baselines import EndToEnd, MarginPairs, MemoryBankModel
+from .datasets import load_images, shared_cifar10_small
+from .device import get_device, seed_everything
+from .distill import ContrastiveDistill
+from .distributed import concat_all_gather
+from .encoders import ConvNet, add_mlp_head, backbone, build_encoder, cifar_resnet18, torchvision_resnet
+from .evaluate import (
+    accuracy_noise,
+    compare_accuracies,
+    evaluate_knn,
+    extract_features,
+    knn_accuracy,
+    knn_predict,
+    linear_probe,
+    per_class_subset,
+    train_supervised,
+)
+from .hard_negatives import ClusterMoCo, DebiasedMoCo, MoCHi, false_negative_rate, mix_hard_negatives
+from .interface import ContrastiveModel
+from .kmeans import kmeans
+from .lesson import EFFECTS, Lesson, judge_effects
+from .losses import (
+    NCECriterion,
+    debiased_infonce_loss,
+    infonce_logits,
+    infonce_loss,
+    margin_contrastive_loss,
+    nce_loss,
+    npair_loss,
+)
+from .memory_bank import MemoryBank
+from .metrics import (
+    KeyConsistencyProbe,
+    alignment,
+    collapse_std,
+    key_consistency,
+    nearest_and_hardest,
+    similarity_stats,
+    temperature_softmax,
+    uniformity,
+)
 from .moco import MoCo
 from .momentum import MomentumUpdater, cosine_momentum, ema_track, momentum_update
+from .multiview import CMC, lab_views, rgb_to_lab
 from .progress import progress
 from .queue import KeyQueue, queue_staleness
-from .distributed import concat_all_gather
-from .shuffle_bn import SplitBatchNorm, batch_shuffle, batch_unshuffle, convert_split_bn
 from .shapes import make_shapes
-from .datasets import load_images, shared_cifar10_small
-from .augment import BatchAugment, denormalize, describe_augmentation, normalize
-from .multiview import CMC, lab_views, rgb_to_lab
-from .kmeans import kmeans
-from .hard_negatives import ClusterMoCo, DebiasedMoCo, MoCHi, false_negative_rate, mix_hard_negatives
-from .distill import ContrastiveDistill
-from .lesson import EFFECTS, Lesson, judge_effects
+from .shuffle_bn import SplitBatchNorm, batch_shuffle, batch_unshuffle, convert_split_bn
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ Letter legend: N images in a batch, H x W input size, S output size.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -12,7 +12,7 @@ All three have the training interface of :class:`~mocolab.interface.ContrastiveM
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

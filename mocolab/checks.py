@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["integer", "positive_int", "nonneg_int", "number", "in_range", "probability", "finite_positive", "choice"]
 

@@ -20,27 +20,33 @@ import math
 import os
 import sys
 
+from . import checks
+
 __all__ = ["main", "build_parser"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _checked_int(check):
+    """An argparse type: the option's text as an int, checked by ``check`` (one of :mod:`mocolab.checks`).
+
+    argparse names the option: ``argument --K: the value must be a positive integer, got '2.5'``.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = text  # not a whole number: the check refuses it and quotes it
+        try:
+            return check(value, "the value")
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = check.__name__
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+_positive_int = _checked_int(checks.positive_int)
+_nonneg_int = _checked_int(checks.nonneg_int)
 
 
 def _finite_float(text: str) -> float:
@@ -70,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "up to Momentum Contrast (MoCo).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("pretrain", help="pre-train MoCo (v1/v2) on a dataset, with a kNN monitor and checkpoints",
-                       description=__doc__.replace("``", "").replace("::", ":"), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__.replace("``", "").replace("::", ":"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     recipe = p.add_argument_group("recipe")
     recipe.add_argument("--preset", choices=list(PRESETS), default="cpu-small",
                         help="cpu-small: ConvNet on the bundled shapes (default); cifar10-colab: the official "
@@ -79,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--version", choices=list(VERSIONS), help="MoCo v1 or v2 on top of the preset")
     recipe.add_argument("--symmetric", action="store_true", default=None, help="symmetric loss (both views as query)")
     data = p.add_argument_group("data")
-    data.add_argument("--data", help="shapes | cifar10 | stl10 | cifar10-small | imagefolder:PATH (default: the preset's)")
+    data.add_argument("--data",
+                      help="shapes | cifar10 | stl10 | cifar10-small | imagefolder:PATH (default: the preset's)")
     data.add_argument("--data-root", help="download directory for cifar10/stl10 (default $MOCOLAB_DATA or data/)")
     data.add_argument("--download", action="store_true", default=None, help="download cifar10/stl10 if missing")
     data.add_argument("--limit", type=_positive_int, help="train on a class-balanced subset of this many images "

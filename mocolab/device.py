@@ -44,7 +44,8 @@ def get_device(device: str | torch.device = "auto", verbose: bool = True) -> tor
             chosen, why = torch.device(name), "asked for"
             if chosen.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use 'auto' or 'cpu'")
-            if chosen.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            mps = getattr(torch.backends, "mps", None)
+            if chosen.type == "mps" and not (mps and mps.is_available()):
                 raise ValueError(f"device {device!r} asked for, but MPS is not available here; use 'auto' or 'cpu'")
     if verbose:
         print(f"mocolab: using device {chosen} ({why})")

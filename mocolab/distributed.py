@@ -9,8 +9,9 @@ Letters: W world size (number of processes), r this process's rank, B global bat
 
 - gives every rank its slice of the same seeded permutation (:func:`shard`): the W
   slices of a step together are exactly the global batch of a one-process run;
-- wraps ``encoder_q`` in ``DistributedDataParallel`` (:func:`wrap_encoder_q`), so gradients
-  are averaged over ranks; the key encoder is updated by momentum on every rank alike;
+- wraps the model's ``trained_encoders`` (MoCo's ``encoder_q``) in ``DistributedDataParallel``
+  (:func:`wrap_trained_encoders`), so gradients are averaged over ranks; the key encoder is
+  updated by momentum on every rank alike;
 - lets :class:`~mocolab.moco.MoCo` (``shuffle_bn="ddp"``/``"auto"``) shuffle the keys across
   ranks and gather every rank's keys into the queue, so the queue is the same everywhere;
 - logs, evaluates, writes metrics and checkpoints on rank 0 only.
@@ -26,9 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .interface import ContrastiveModel, unwrap
+
 __all__ = ["world_size", "rank", "concat_all_gather", "init_from_env", "cleanup", "is_main_process", "shard",
-           "wrap_encoder_q", "unwrap_encoder_q", "broadcast_module", "all_gather_objects", "all_reduce_mean", "barrier",
-           "env_world_size"]
+           "wrap_trained_encoders", "unwrap_trained_encoders", "broadcast_module", "all_gather_objects",
+           "all_reduce_mean", "barrier", "env_world_size"]
 
 
 def _dist_on() -> bool:
@@ -128,29 +131,31 @@ def shard(batch_index: torch.Tensor, r: int | None = None, W: int | None = None)
     return batch_index[r * b:(r + 1) * b]
 
 
-def wrap_encoder_q(model: nn.Module, device: torch.device) -> nn.Module:
-    """Wrap ``model.encoder_q`` (or the model's only trainable encoder) in DistributedDataParallel, in place.
+def wrap_trained_encoders(model: ContrastiveModel, device: torch.device) -> ContrastiveModel:
+    """Wrap each of ``model.trained_encoders`` (MoCo's ``encoder_q``) in DistributedDataParallel, in place.
 
-    Only the query encoder is trained by gradients; wrapping it alone (not the whole MoCo
+    Only those encoders are trained by gradients; wrapping them alone (not the whole MoCo
     module, as the official code does) keeps the key encoder and the queue out of DDP's
     buffer broadcasts. No-op with one process.
     """
-    if world_size() == 1 or not hasattr(model, "encoder_q"):
+    if world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if not isinstance(model.encoder_q, DDP):
-        ids = [device.index] if device.type == "cuda" else None
-        model.encoder_q = DDP(model.encoder_q, device_ids=ids)
+    ids = [device.index] if device.type == "cuda" else None
+    for name in model.trained_encoders:
+        encoder = model.get_submodule(name)
+        if not isinstance(encoder, DDP):
+            setattr(model, name, DDP(encoder, device_ids=ids))
     return model
 
 
-def unwrap_encoder_q(model: nn.Module) -> nn.Module:
-    """Undo :func:`wrap_encoder_q` (in place)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    if isinstance(getattr(model, "encoder_q", None), DDP):
-        model.encoder_q = model.encoder_q.module
+def unwrap_trained_encoders(model: ContrastiveModel) -> ContrastiveModel:
+    """Undo :func:`wrap_trained_encoders` (in place)."""
+    for name in model.trained_encoders:
+        encoder = model.get_submodule(name)
+        if unwrap(encoder) is not encoder:
+            setattr(model, name, unwrap(encoder))
     return model
 
 

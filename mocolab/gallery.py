@@ -18,7 +18,7 @@ matplotlib is imported when a function is called, not at ``import mocolab``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,10 +42,10 @@ def _class_colors(num: int):
 def plot_embedding(
     features_or_2d,
     labels=None,
-    classes: Optional[Sequence[str]] = None,
+    classes: Sequence[str] | None = None,
     ax=None,
     method: str = "umap",
-    title: Optional[str] = None,
+    title: str | None = None,
     *,
     seed: int = 0,
     s: float = 8.0,
@@ -145,14 +145,14 @@ def _images_hwc(images, mean=None, std=None) -> np.ndarray:
 
 def plot_image_grid(
     images,
-    titles: Optional[Sequence[str]] = None,
+    titles: Sequence[str] | None = None,
     nrow: int = 8,
     ax=None,
     *,
     pad: int = 2,
-    title: Optional[str] = None,
-    mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None,
+    title: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ):
     """A grid of images drawn as one mosaic on one axes.
 
@@ -218,12 +218,12 @@ def plot_neighbours(
     hardest_neg_imgs,
     hardest_neg_sims,
     *,
-    neighbour_titles: Optional[Sequence[str]] = None,
-    hardest_titles: Optional[Sequence[str]] = None,
+    neighbour_titles: Sequence[str] | None = None,
+    hardest_titles: Sequence[str] | None = None,
     query_title: str = "query",
     axes=None,
-    mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ):
     """Gallery: a query, its nearest keys and its hardest negatives.
 

@@ -24,7 +24,8 @@ changes only :meth:`~mocolab.moco.MoCo.contrast` or :meth:`~mocolab.moco.MoCo.lo
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

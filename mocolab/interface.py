@@ -10,6 +10,7 @@ the distillers) subclasses :class:`ContrastiveModel`, and ``fit`` calls nothing 
     loss = model.loss(logits, labels)                   # what the optimiser minimises
     features = model.eval_encoder()(images)             # what the kNN monitor evaluates
     model.compile_encoders()                            # TrainConfig(compile=True)
+    model.trained_encoders                              # what DistributedDataParallel wraps
 
 ``forward`` returns everything ``loss`` needs: a model does not pass data from one to the
 other through hidden attributes. All training state (queues, step counters, centroids) lives
@@ -36,8 +37,14 @@ class ContrastiveModel(nn.Module):
 
     Subclasses implement :meth:`forward`; the other methods have defaults: :meth:`loss` is the
     cross-entropy, :meth:`set_progress` does nothing, :meth:`eval_encoder` and
-    :meth:`compile_encoders` use the query encoder ``encoder_q`` (the official name).
+    :meth:`compile_encoders` use the query encoder ``encoder_q`` (the official name), and
+    :attr:`trained_encoders` names it.
     """
+
+    #: The names of the submodules that gradients train (the others move by momentum, or not at all).
+    #: With several processes ``fit`` wraps each in ``DistributedDataParallel``
+    #: (:func:`mocolab.distributed.wrap_trained_encoders`), so that their gradients are averaged over ranks.
+    trained_encoders: tuple[str, ...] = ("encoder_q",)
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index: torch.Tensor | None = None):
         """One training step's scores.

@@ -10,8 +10,8 @@ writes one. Files are read with ``torch.load(weights_only=True)`` (:mod:`mocolab
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -76,7 +76,8 @@ def load_moco_checkpoint_into_resnet(path: str | os.PathLike, arch: str = "resne
                                      model: nn.Module | None = None) -> nn.Module:
     """Load a MoCo checkpoint's query encoder into a torchvision-style ResNet, as the official ``main_lincls.py``.
 
-    The official checkpoint is ``{"state_dict": {"module.encoder_q.conv1.weight": ..., "module.encoder_q.fc.0.weight": ...}}``;
+    The official checkpoint is
+    ``{"state_dict": {"module.encoder_q.conv1.weight": ..., "module.encoder_q.fc.0.weight": ...}}``;
     ``module.encoder_q.`` is stripped, the projection head (``fc.*``) dropped, and the rest loaded with
     ``strict=False``; the only keys allowed to stay missing are ``fc.weight`` and ``fc.bias`` (the new
     classifier, re-initialised as in ``main_lincls.py``). mocolab checkpoints (``encoder_q.*``) load too.

@@ -89,7 +89,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, spherical: bool = False, to
         else:
             assign = torch.cdist(xb, c).argmin(dim=2)  # (B, N)
         sums = torch.zeros_like(c).scatter_add_(1, assign[..., None].expand_as(xb), xb)  # (B, k, C)
-        counts = torch.zeros(c.shape[:2], device=x.device).scatter_add_(1, assign, torch.ones_like(assign, dtype=c.dtype))
+        ones = torch.ones_like(assign, dtype=c.dtype)
+        counts = torch.zeros(c.shape[:2], device=x.device).scatter_add_(1, assign, ones)  # (B, k)
         new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], c)  # (B, k, C)
         if spherical:
             new = F.normalize(new, dim=2)

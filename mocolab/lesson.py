@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -85,7 +85,8 @@ def within(a, b, *, rel: float, claim: str) -> Effect:
 
     def check(m):
         va, vb = float(_get(m, a)), float(_get(m, b))
-        return abs(va - vb) <= rel * abs(vb), f"{va:.4g} vs {vb:.4g} ({100 * (va - vb) / vb:+.1f} %, allowed ±{100 * rel:g} %)"
+        detail = f"{va:.4g} vs {vb:.4g} ({100 * (va - vb) / vb:+.1f} %, allowed ±{100 * rel:g} %)"
+        return abs(va - vb) <= rel * abs(vb), detail
 
     return Effect(claim, check)
 

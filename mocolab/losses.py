@@ -15,13 +15,12 @@ Letters: N batch size, C feature dim, K number of negatives, M memory-bank size.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import in_range
+from .checks import finite_positive, in_range
 
 __all__ = ["check_temperature", "margin_contrastive_loss", "margin_loss_of_distances", "npair_loss", "infonce_logits",
            "infonce_loss", "nce_loss", "NCECriterion", "debiased_infonce_loss", "debiased_negative_term"]
@@ -29,13 +28,7 @@ __all__ = ["check_temperature", "margin_contrastive_loss", "margin_loss_of_dista
 
 def check_temperature(T: float, name: str = "T") -> float:
     """Return ``T`` as a float, or raise ``ValueError`` unless it is a finite number > 0."""
-    try:
-        T = float(T)
-    except (TypeError, ValueError):
-        raise ValueError(f"temperature {name} must be a number > 0, got {T!r}") from None
-    if not (T > 0 and math.isfinite(T)):
-        raise ValueError(f"temperature {name} must be a finite number > 0, got {T}")
-    return T
+    return finite_positive(T, f"temperature {name}")
 
 
 def _check_some_negatives(K: int) -> None:
@@ -89,7 +82,8 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
         anchor, positive: (N, C); negatives: optional (N, K, C). Returns a scalar.
     """
     if anchor.shape != positive.shape or anchor.dim() != 2:
-        raise ValueError(f"anchor and positive must both be (N, C), got {tuple(anchor.shape)} and {tuple(positive.shape)}")
+        raise ValueError(f"anchor and positive must both be (N, C), got {tuple(anchor.shape)} and "
+                         f"{tuple(positive.shape)}")
     if negatives is None:
         if anchor.shape[0] < 2:
             raise ValueError("npair_loss without negatives needs a batch of N >= 2 anchors (the other anchors' "
@@ -98,7 +92,8 @@ def npair_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Te
         labels = torch.arange(anchor.shape[0], device=anchor.device)
         return F.cross_entropy(logits, labels)
     if negatives.dim() != 3 or negatives.shape[0] != anchor.shape[0] or negatives.shape[2] != anchor.shape[1]:
-        raise ValueError(f"negatives must be (N, K, C) = ({anchor.shape[0]}, K, {anchor.shape[1]}), got {tuple(negatives.shape)}")
+        raise ValueError(f"negatives must be (N, K, C) = ({anchor.shape[0]}, K, {anchor.shape[1]}), "
+                         f"got {tuple(negatives.shape)}")
     _check_some_negatives(negatives.shape[1])
     l_pos = (anchor * positive).sum(dim=1, keepdim=True)  # (N, 1)
     l_neg = torch.einsum("nc,nkc->nk", anchor, negatives)  # (N, K)

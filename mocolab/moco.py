@@ -19,7 +19,7 @@ the models it is compared with are in :mod:`mocolab.baselines`, its variants in 
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,8 @@ encoder (no gradients); :func:`ema_track` simulates the EMA on a moving target, 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

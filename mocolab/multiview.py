@@ -17,7 +17,7 @@ L queries against ab keys, plus ab queries against L keys.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch import nn
 
 from .augment import denormalize
 from .datasets import normalization_stats
-from .interface import ContrastiveModel
+from .interface import ContrastiveModel, unwrap
 from .losses import check_temperature, infonce_logits
 from .momentum import MomentumUpdater, check_momentum, freeze
 from .queue import KeyQueue
@@ -102,11 +102,11 @@ class CMCFeatures(nn.Module):
         (N, 3, H, W) normalised RGB -> (N, 2C) or (N, C).
     """
 
-    def __init__(self, model: "CMC", view: str = "both"):
+    def __init__(self, model: CMC, view: str = "both"):
         super().__init__()
         if view not in ("both", "L", "ab"):
             raise ValueError(f"view must be 'both', 'L' or 'ab', got {view!r}")
-        self.encoder_l, self.encoder_ab, self.view = model.encoder_l, model.encoder_ab, view
+        self.encoder_l, self.encoder_ab, self.view = unwrap(model.encoder_l), unwrap(model.encoder_ab), view
         self.mean, self.std = model.mean, model.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +156,8 @@ class CMC(ContrastiveModel):
     Raises:
         ValueError: an argument outside its range (the message says what is allowed).
     """
+
+    trained_encoders = ("encoder_l", "encoder_ab")  # one query encoder per view; the key encoders follow by momentum
 
     def __init__(self, base_encoder: Callable[..., nn.Module], dim: int = 128, K: int = 4096, m: float = 0.99,
                  T: float = 0.07, *, views: str = "two_crops", mean: Sequence[float] | None = None,

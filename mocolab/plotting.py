@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,7 +83,7 @@ def _axes_list(axes, n: int, name: str = "axes") -> list:
 
 # --------------------------------------------------------------------------- similarities
 def plot_similarity_histograms(
-    snapshots: Union[Mapping, Sequence[Mapping]],
+    snapshots: Mapping | Sequence[Mapping],
     axes=None,
     *,
     bins: int = 50,
@@ -166,7 +167,7 @@ _X_KEYS = ("epoch", "step", "epochs", "steps")
 
 
 def plot_curves(
-    history: Mapping[str, Sequence], keys: Optional[Sequence[str]] = None, axes=None, *, ncols: int = 4
+    history: Mapping[str, Sequence], keys: Sequence[str] | None = None, axes=None, *, ncols: int = 4
 ):
     """Training curves, one panel per metric.
 
@@ -252,13 +253,13 @@ def plot_sweep(
     xlabel: str,
     ylabel: str,
     ax=None,
-    reference: Optional[Union[Mapping[Any, float], Tuple[str, Mapping[Any, float]]]] = None,
+    reference: Mapping[Any, float] | tuple[str, Mapping[Any, float]] | None = None,
     *,
     reference_label: str = "paper",
-    categorical: Optional[bool] = None,
-    xscale: Optional[str] = None,
+    categorical: bool | None = None,
+    xscale: str | None = None,
     label: str = "this notebook",
-    title: Optional[str] = None,
+    title: str | None = None,
 ):
     """A measured metric against a swept hyper-parameter.
 

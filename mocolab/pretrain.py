@@ -14,10 +14,10 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -115,7 +115,9 @@ def _check_data_name(name) -> None:
 
 
 def resolve_config(preset: str | None = "cpu-small", version: str | None = None, **options) -> dict:
-    """The full settings of a pre-training run: :data:`DEFAULTS` < ``PRESETS[preset]`` < ``VERSIONS[version]`` < options.
+    """The full settings of a pre-training run.
+
+    Layered: :data:`DEFAULTS` < ``PRESETS[preset]`` < ``VERSIONS[version]`` < options.
 
     Options set to None are ignored (they leave the preset's value). Everything is checked here,
     before any data is loaded.

@@ -15,7 +15,8 @@ Example::
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 __all__ = ["progress", "progress_disabled"]
 
@@ -24,7 +25,7 @@ T_ = TypeVar("T_")
 _FALSY = {"", "0", "false", "no", "off"}
 
 
-def _truthy(value: Optional[str]) -> bool:
+def _truthy(value: str | None) -> bool:
     return value is not None and value.strip().lower() not in _FALSY
 
 
@@ -38,7 +39,7 @@ def progress_disabled() -> bool:
     return _truthy(os.environ.get("CI")) or _truthy(os.environ.get("MOCOLAB_QUIET"))
 
 
-def progress(iterable: Optional[Iterable[T_]] = None, **kwargs):
+def progress(iterable: Iterable[T_] | None = None, **kwargs):
     """Wrap ``iterable`` in a ``tqdm.auto.tqdm`` progress bar.
 
     Args:

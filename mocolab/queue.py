@@ -117,7 +117,7 @@ class KeyQueue(nn.Module):
         self.queue_count += 1
 
     def _slots(self, offset: int, n: int) -> torch.Tensor:
-        """The ring slots ``(ptr + offset + i) mod K`` for i < n, computed on the device (no host read of the pointer)."""
+        """The ring slots ``(ptr + offset + i) mod K`` for i < n, on the device (no host read of the pointer)."""
         return (self.queue_ptr + offset + torch.arange(n, device=self.queue_ptr.device)) % self.K  # (n,)
 
     def latest(self, n: int) -> torch.Tensor:

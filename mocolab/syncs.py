@@ -23,7 +23,7 @@ import contextlib
 import threading
 import traceback
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -14,19 +14,18 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 from torch import nn
 
 from . import distributed
-from .checkpoint import (clean_state_dict, restore_training_state, rng_state, save_checkpoint, to_plain,
-                         training_state)
+from .checkpoint import clean_state_dict, restore_training_state, rng_state, save_checkpoint, to_plain, training_state
 from .device import get_device
-from .evaluate import knn_accuracy, extract_features
+from .evaluate import extract_features, knn_accuracy
 from .interface import ContrastiveModel
 from .progress import progress
 
@@ -84,7 +83,7 @@ class TrainConfig:
                              f"{self.save_every_seconds}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """Build from a dict; an unknown key is an error that lists the allowed ones."""
         allowed = {f.name for f in fields(cls)}
         unknown = set(d) - allowed
@@ -254,7 +253,7 @@ def fit(model: ContrastiveModel, images: torch.Tensor, augment: nn.Module, confi
     if config.compile:
         model.compile_encoders()
     distributed.broadcast_module(model)  # identical start on every rank
-    distributed.wrap_encoder_q(model, dev)
+    distributed.wrap_trained_encoders(model, dev)
 
     monitor = None  # the kNN monitor's data, on the device (rank 0 evaluates alone)
     if eval_data is not None and main:
@@ -382,7 +381,7 @@ def fit(model: ContrastiveModel, images: torch.Tensor, augment: nn.Module, confi
         raise
     finally:
         bar.close()
-        distributed.unwrap_encoder_q(model)
+        distributed.unwrap_trained_encoders(model)
     hist["images_per_second"] = seen / max(t_train, 1e-9)
     hist["train_seconds"] = t_train
     hist["device"] = str(dev)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import base64
 import io
 import math
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Any
 
 from .metrics import default_similarities, temperature_softmax
 from .momentum import TARGETS, check_momentum, ema_track
@@ -27,7 +28,7 @@ from .queue import queue_staleness
 __all__ = ["temperature_explorer", "momentum_explorer", "queue_explorer"]
 
 
-def _png_output(fig) -> Dict[str, Any]:
+def _png_output(fig) -> dict[str, Any]:
     """A Jupyter display_data output dict holding ``fig`` as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -42,7 +43,7 @@ def _png_output(fig) -> Dict[str, Any]:
 
 
 # =========================================================================== widgets
-def _explorer(controls: Dict[str, Any], render: Callable[..., tuple], title: str):
+def _explorer(controls: dict[str, Any], render: Callable[..., tuple], title: str):
     """Wire ``controls`` (name -> widget) to ``render(**values) -> (text, fig)``.
 
     Returns a ``VBox`` [title, controls..., output] with attributes
@@ -161,7 +162,7 @@ BATCH_SIZES = (32, 64, 100, 128, 256, 512)
 
 
 def queue_explorer(
-    K: int = 4096, batch_size: int = 256, steps_per_epoch: Optional[int] = 196, m: Optional[float] = 0.99
+    K: int = 4096, batch_size: int = 256, steps_per_epoch: int | None = 196, m: float | None = 0.99
 ):
     """Sliders over queue size K and batch size: how stale are the keys?
 

@@ -52,7 +52,6 @@ OUTPUT_DIR = "runs/00_setup_and_data"  # where figures and metrics.json are writ
 # %%
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 

@@ -228,7 +228,7 @@ def fill_queue(model, generator, view_generator):
     """Fill the whole queue with keys of augmented training images from the current key encoder."""
     was_training = model.training
     model.train()
-    for start in range(0, model.queue.shape[1], BATCH_SIZE):
+    for _ in range(0, model.queue.shape[1], BATCH_SIZE):
         idx = torch.randint(0, len(x_train), (BATCH_SIZE,), generator=generator)
         model.enqueue(model._keys(augment(x_train[idx].to(device), generator=view_generator)))
     model.train(was_training)

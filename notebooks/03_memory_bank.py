@@ -170,7 +170,7 @@ print(f"MoCo key encoder (ConvNet w={WIDTH}): {human(key_encoder_bytes):>10}, fo
 print(f"bank, ImageNet-1k ({IMAGENET_TRAIN:,}):  {human(bank_bytes_imagenet):>10}")
 print(f"bank, a billion images:        {human(bank_bytes_billion):>10}")
 
-sizes = {f"bank\n{M_bank:,} images": bank_bytes, f"bank\nImageNet-1k": bank_bytes_imagenet,
+sizes = {f"bank\n{M_bank:,} images": bank_bytes, "bank\nImageNet-1k": bank_bytes_imagenet,
          "bank\n10⁹ images": bank_bytes_billion, f"queue\nK = {K}": queue_bytes}
 fig, ax = plt.subplots(figsize=(6.5, 3.2))
 ax.bar(list(sizes), list(sizes.values()), color=["tab:orange"] * 3 + ["tab:blue"])

@@ -204,7 +204,7 @@ for m in (0.0, M_SLOW):
 # %%
 keys = ["loss", "pretext_acc", "knn_acc", "key_consistency", "key_identification", "key_margin"]
 fig, axes = plt.subplots(2, 3, figsize=(12, 6.2))
-for m, h in runs.items():
+for h in runs.values():
     plot_curves(h, keys, axes=axes.ravel())
 axes[0, 0].axhline(math.log(K + 1), color="grey", linestyle="--", linewidth=1)
 for ax in axes.ravel():

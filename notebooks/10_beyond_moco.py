@@ -87,8 +87,7 @@ import torch
 import torch.nn.functional as F
 
 import mocolab
-from mocolab import Lesson
-from mocolab import BatchAugment, load_images, normalize
+from mocolab import BatchAugment, Lesson, load_images, normalize
 from mocolab.distill import ContrastiveDistill
 from mocolab.encoders import ConvNet
 from mocolab.evaluate import accuracy_noise, compare_accuracies, evaluate_knn

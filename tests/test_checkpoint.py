@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import pytest
 import torch
@@ -15,10 +14,16 @@ from mocolab.moco import MoCo
 from mocolab.train import NonFiniteLossError, TrainConfig, fit
 
 
-def tiny_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    kw = {"shuffle_bn": "split", "bn_splits": 2, **kw}
-    return MoCo(partial(ConvNet, width=4), dim=8, K=48, m=0.9, T=0.2, **kw)
+@pytest.fixture
+def tiny_model(tiny_encoder):
+    """``tiny_model(seed=0, **kw)``: a seeded MoCo on the tiny encoder, with split BN."""
+
+    def make(seed=0, **kw):
+        torch.manual_seed(seed)
+        kw = {"shuffle_bn": "split", "bn_splits": 2, **kw}
+        return MoCo(tiny_encoder, dim=8, K=48, m=0.9, T=0.2, **kw)
+
+    return make
 
 
 def tiny_data(n=48, size=16):
@@ -26,25 +31,32 @@ def tiny_data(n=48, size=16):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
 
 
-def tiny_run(epochs, tmp_path, name, stop_after=None, resume=None, **model_kw):
-    model = tiny_model(**model_kw)
-    images = tiny_data()
-    labels = torch.arange(48) % 4
-    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, knn_every=1, knn_k=5, seed=3)
-    ckpt = tmp_path / name / "checkpoint.pt"
+@pytest.fixture
+def tiny_run(tiny_model):
+    """``tiny_run(epochs, tmp_path, name, stop_after=None, resume=None, **model_kw)``: (model, history,
+    checkpoint path) of a short fit with a checkpoint; killed during epoch ``stop_after + 1`` if given."""
 
-    def on_step(state):
-        if stop_after is not None and state.epoch == stop_after + 1:
-            raise KeyboardInterrupt  # a run killed during the epoch after `stop_after`
-    try:
-        hist = fit(model, images, BatchAugment(16), cfg, eval_data=(images, labels, images[:16], labels[:16]),
-                   device="cpu", verbose=False, checkpoint=ckpt, resume=resume, on_step=on_step)
-    except KeyboardInterrupt:
-        hist = None
-    return model, hist, ckpt
+    def run(epochs, tmp_path, name, stop_after=None, resume=None, **model_kw):
+        model = tiny_model(**model_kw)
+        images = tiny_data()
+        labels = torch.arange(48) % 4
+        cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, knn_every=1, knn_k=5, seed=3)
+        ckpt = tmp_path / name / "checkpoint.pt"
+
+        def on_step(state):
+            if stop_after is not None and state.epoch == stop_after + 1:
+                raise KeyboardInterrupt  # a run killed during the epoch after `stop_after`
+        try:
+            hist = fit(model, images, BatchAugment(16), cfg, eval_data=(images, labels, images[:16], labels[:16]),
+                       device="cpu", verbose=False, checkpoint=ckpt, resume=resume, on_step=on_step)
+        except KeyboardInterrupt:
+            hist = None
+        return model, hist, ckpt
+
+    return run
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_run, tmp_path):
     ref_model, ref_hist, _ = tiny_run(3, tmp_path, "ref")
     _, none, ckpt = tiny_run(3, tmp_path, "cut", stop_after=1)
     assert none is None and load_checkpoint(ckpt)["epoch"] == 1
@@ -59,7 +71,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
     assert hist["epoch"] == [1, 2, 3]
 
 
-def test_checkpoint_contents_load_with_weights_only(tmp_path):
+def test_checkpoint_contents_load_with_weights_only(tiny_run, tmp_path):
     _, _, ckpt = tiny_run(1, tmp_path, "a")
     state = torch.load(ckpt, weights_only=True)
     assert state["format"] == FORMAT and state["epoch"] == 1 and state["step"] == 3
@@ -73,7 +85,7 @@ def test_checkpoint_contents_load_with_weights_only(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
-def test_corrupt_truncated_or_wrong_file_names_the_path(tmp_path, content):
+def test_corrupt_truncated_or_wrong_file_names_the_path(tiny_run, tmp_path, content):
     _, _, ckpt = tiny_run(1, tmp_path, "b")
     bad = tmp_path / "bad.pt"
     if content is None:  # truncated
@@ -111,7 +123,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
-def test_nan_loss_stops_the_run_and_leaves_the_last_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_the_run_and_leaves_the_last_checkpoint(tiny_model, tmp_path, monkeypatch):
     model = tiny_model()
     images = tiny_data()
     ckpt = tmp_path / "nan" / "checkpoint.pt"
@@ -133,7 +145,7 @@ def test_nan_loss_stops_the_run_and_leaves_the_last_checkpoint(tmp_path, monkeyp
         assert torch.equal(state["model"][k], v), k
 
 
-def test_resume_checks_the_run_matches(tmp_path):
+def test_resume_checks_the_run_matches(tiny_run, tiny_model, tmp_path):
     _, _, ckpt = tiny_run(1, tmp_path, "d")
     with pytest.raises(CheckpointError, match="does not fit this model"):
         tiny_run(2, tmp_path, "e", resume=ckpt, mlp=True)
@@ -148,7 +160,7 @@ def test_clean_state_dict_strips_wrappers():
     assert clean_state_dict(sd) == {"encoder_q.conv1.weight": 1, "encoder_k.fc.bias": 2, "queue": 3}
 
 
-def test_export_backbone_drops_the_projection_head(tmp_path):
+def test_export_backbone_drops_the_projection_head(tiny_run, tmp_path):
     torch.manual_seed(0)
     moco = MoCo(cifar_resnet18, dim=16, K=32, mlp=True)
     sd = export_backbone(moco, tmp_path / "backbone.pt")
@@ -205,7 +217,7 @@ def test_official_checkpoint_with_wrong_arch_or_keys_is_a_clear_error(tmp_path):
         load_moco_checkpoint_into_resnet(tmp_path / "ck.pth", arch="resnet18")
 
 
-def test_history_added_by_callbacks_survives_a_checkpoint(tmp_path):
+def test_history_added_by_callbacks_survives_a_checkpoint(tiny_model, tmp_path):
     """Measurements that an on_epoch callback appends to the history (numpy numbers too) are saved and resumed."""
     import numpy as np
 
@@ -297,14 +309,15 @@ class OfficialMoCo(torch.nn.Module):
         self.register_buffer("queue_ptr", torch.tensor([16]))
 
 
-def test_official_moco_state_dict_loads_and_exports(tmp_path):
+def test_official_moco_state_dict_loads_and_exports(tiny_model, tmp_path):
     from mocolab.interop import export_official_moco, load_official_moco
 
     official = OfficialMoCo()
     ref = official.state_dict()
     model = tiny_model(seed=1)
-    with pytest.raises(RuntimeError, match="queue_filled"):  # what a plain strict load says
-        model.load_state_dict(ref)
+    model.load_state_dict(ref)  # strict: the buffers the official state dict lacks are filled
+    assert int(model.queue_filled) == 48 and torch.equal(model.queue, ref["queue"])
+    model = tiny_model(seed=1)
     torch.save({"epoch": 200, "arch": "convnet", "state_dict": {f"module.{k}": v for k, v in ref.items()}},
                tmp_path / "checkpoint_0199.pth.tar")
     load_official_moco(model, tmp_path / "checkpoint_0199.pth.tar")
@@ -325,7 +338,7 @@ def test_official_moco_state_dict_loads_and_exports(tmp_path):
     assert torch.equal(again.queue, model.queue)
 
 
-def test_official_moco_of_another_size_is_a_clear_error(tmp_path):
+def test_official_moco_of_another_size_is_a_clear_error(tiny_model, tmp_path):
     from mocolab.interop import load_official_moco
 
     with pytest.raises(CheckpointError, match=r"queue of shape \(8, 64\).*K=64"):

@@ -1,4 +1,6 @@
 """Tests for mocolab.checks: each check returns the plain value or names the value and what is allowed."""
+from __future__ import annotations
+
 import math
 
 import numpy as np

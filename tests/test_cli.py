@@ -75,7 +75,8 @@ SMALL = ["pretrain", "--data", "shapes", "--limit", "128", "--epochs", "1", "--b
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["--seed", "-1"], "argument --seed: the value must be an integer >= 0, got -1"),
+    (["--K", "2.5"], "argument --K: the value must be a positive integer, got '2.5'"),
     (["--weight-decay", "-1"], "argument --weight-decay: expected a number >= 0, got -1"),
     (["--lr", "inf"], "argument --lr: expected a finite number, got 'inf'"),
     (["--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),

@@ -1,4 +1,6 @@
 """Contrastive distillation (CRD) and feature regression: logits oracle, losses in closed form, frozen teacher."""
+from __future__ import annotations
+
 import math
 
 import pytest

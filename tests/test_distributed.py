@@ -120,3 +120,32 @@ def test_data_parallel_pretrain_on_two_ranks_then_resume_in_one_process(tmp_path
                    "--out", str(tmp_path / "run"), "--resume", "--device", "cpu"])
     assert status == 0, capsys.readouterr().err
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2
+
+
+def test_fit_wraps_the_encoders_each_model_trains_and_unwraps_them(tmp_path, monkeypatch, tiny_encoder):
+    """DDP goes around the model's declared trained_encoders only (CMC: one per view), and comes off again."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mocolab import distributed
+    from mocolab.moco import MoCo
+    from mocolab.multiview import CMC
+
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    try:
+        x = torch.randn(4, 3, 16, 16)
+        for model in (MoCo(tiny_encoder, dim=8, K=16, shuffle_bn="off"), CMC(tiny_encoder, dim=8, K=16)):
+            plain = {name: model.get_submodule(name) for name in model.trained_encoders}
+            with monkeypatch.context() as m:
+                m.setattr(distributed, "world_size", lambda: 2)  # wrap as a run of several processes does
+                distributed.wrap_trained_encoders(model, torch.device("cpu"))
+            wrapped = {name for name, child in model.named_children() if isinstance(child, DDP)}
+            assert wrapped == set(plain), type(model).__name__
+            logits, labels = model(x, x)
+            model.loss(logits, labels).backward()
+            assert all(p.grad is not None for enc in plain.values() for p in enc.parameters())
+            assert not any(isinstance(mod, DDP) for mod in model.eval_encoder().modules())
+            distributed.unwrap_trained_encoders(model)
+            assert all(model.get_submodule(name) is enc for name, enc in plain.items())
+    finally:
+        dist.destroy_process_group()

@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import math
 
 import pytest
@@ -5,8 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from mocolab.encoders import ConvNet
-from mocolab.evaluate import (extract_features, knn_accuracy, knn_predict, linear_probe, per_class_subset,
-                              train_supervised)
+from mocolab.evaluate import (
+    extract_features,
+    knn_accuracy,
+    knn_predict,
+    linear_probe,
+    per_class_subset,
+    train_supervised,
+)
 
 
 def test_knn_predict_matches_loop():

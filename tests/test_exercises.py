@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -401,7 +399,10 @@ def test_moco_step_mistakes(mistake):
     _fails_with("moco_step", STEP_MISTAKES[mistake], mistake)
 
 
-# ----------------------------------------------------------------------------- the library's output, fed the wrong inputs
+# ------------------------------------------------------------------------ the library's output, fed the wrong inputs
+LIB = {name: ex.library for name, ex in EXERCISES.items()}  # the library's version of each exercise
+
+
 def _random_queue_like(queue):
     return F.normalize(torch.randn_like(queue), dim=0)
 
@@ -409,30 +410,30 @@ def _random_queue_like(queue):
 WRONG_INPUTS = {
     "margin_loss": [lambda x1, x2, y, m: mocolab.margin_contrastive_loss(x1, x2, torch.ones_like(y), margin=m),
                     lambda x1, x2, y, m: mocolab.margin_contrastive_loss(x1, x1.roll(1, 0), y, margin=m)],
-    "infonce": [lambda q, k, queue, T: exercises._lib_infonce(q, k, _random_queue_like(queue), T),  # ignores the queue
-                lambda q, k, queue, T: exercises._lib_infonce(q, q, queue, T),  # ignores k
-                lambda q, k, queue, T: exercises._lib_infonce(q, k, queue, 0.07)],  # ignores T
+    "infonce": [lambda q, k, queue, T: LIB["infonce"](q, k, _random_queue_like(queue), T),  # ignores the queue
+                lambda q, k, queue, T: LIB["infonce"](q, q, queue, T),  # ignores k
+                lambda q, k, queue, T: LIB["infonce"](q, k, queue, 0.07)],  # ignores T
     "chance_loss": [lambda K: math.log(1024 + 1)],
-    "bank_update": [lambda memory, index, features, m: exercises._lib_bank_update(memory, index, features, 0.5),
-                    lambda memory, index, features, m: exercises._lib_bank_update(
+    "bank_update": [lambda memory, index, features, m: LIB["bank_update"](memory, index, features, 0.5),
+                    lambda memory, index, features, m: LIB["bank_update"](
                         memory, torch.arange(len(index)), features, m)],
-    "enqueue": [lambda queue, ptr, keys: exercises._lib_enqueue(queue, 0, keys),
-                lambda queue, ptr, keys: exercises._lib_enqueue(queue, ptr, keys[:1].expand_as(keys))],
+    "enqueue": [lambda queue, ptr, keys: LIB["enqueue"](queue, 0, keys),
+                lambda queue, ptr, keys: LIB["enqueue"](queue, ptr, keys[:1].expand_as(keys))],
     "momentum_update": [lambda encoder_k, encoder_q, m: mocolab.momentum_update(encoder_k, encoder_q, 0.999),
                         lambda encoder_k, encoder_q, m: mocolab.momentum_update(encoder_q, encoder_k, m)],
-    "shuffled_keys": [lambda encoder_k, im_k: exercises._lib_shuffled_keys(encoder_k, im_k.flip(0)),
-                      lambda encoder_k, im_k: exercises._lib_shuffled_keys(encoder_k, im_k)[torch.randperm(len(im_k))]],
+    "shuffled_keys": [lambda encoder_k, im_k: LIB["shuffled_keys"](encoder_k, im_k.flip(0)),
+                      lambda encoder_k, im_k: LIB["shuffled_keys"](encoder_k, im_k)[torch.randperm(len(im_k))]],
     "moco_step": [
         # ignores the queue: negatives from a fresh random queue
-        lambda eq, ek, queue, ptr, im_q, im_k, m, T: exercises._lib_moco_step(
-            eq, ek, _random_queue_like(queue), ptr, im_q, im_k, m, T)[:2] + (exercises._lib_enqueue(
-                queue, ptr, exercises._lib_shuffled_keys(ek, im_k)),),
+        lambda eq, ek, queue, ptr, im_q, im_k, m, T: LIB["moco_step"](
+            eq, ek, _random_queue_like(queue), ptr, im_q, im_k, m, T)[:2] + (LIB["enqueue"](
+                queue, ptr, LIB["shuffled_keys"](ek, im_k)),),
         # ignores the pointer: always enqueues at column 0
-        lambda eq, ek, queue, ptr, im_q, im_k, m, T: exercises._lib_moco_step(eq, ek, queue, 0, im_q, im_k, m, T),
+        lambda eq, ek, queue, ptr, im_q, im_k, m, T: LIB["moco_step"](eq, ek, queue, 0, im_q, im_k, m, T),
         # ignores m: the official 0.999
-        lambda eq, ek, queue, ptr, im_q, im_k, m, T: exercises._lib_moco_step(eq, ek, queue, ptr, im_q, im_k, 0.999, T),
+        lambda eq, ek, queue, ptr, im_q, im_k, m, T: LIB["moco_step"](eq, ek, queue, ptr, im_q, im_k, 0.999, T),
         # swaps the views
-        lambda eq, ek, queue, ptr, im_q, im_k, m, T: exercises._lib_moco_step(eq, ek, queue, ptr, im_k, im_q, m, T),
+        lambda eq, ek, queue, ptr, im_q, im_k, m, T: LIB["moco_step"](eq, ek, queue, ptr, im_k, im_q, m, T),
     ],
 }
 
@@ -497,16 +498,9 @@ def test_checks_leave_the_random_state_alone():
     state = torch.get_rng_state()
     for name in EXERCISES:
         run_check(name, getattr(sol, name))
-    exercises._lib_enqueue(torch.zeros(2, 4), 0, torch.ones(3, 2))
-    exercises._lib_bank_update(F.normalize(torch.ones(4, 2), dim=1), torch.tensor([1]), torch.ones(1, 2), 0.5)
+    LIB["enqueue"](torch.zeros(2, 4), 0, torch.ones(3, 2))
+    LIB["bank_update"](F.normalize(torch.ones(4, 2), dim=1), torch.tensor([1]), torch.ones(1, 2), 0.5)
     assert torch.equal(state, torch.get_rng_state())
-
-
-def test_the_tour_and_the_notebook_tests_run_headless():
-    from test_notebooks import KERNEL_ENV
-
-    assert KERNEL_ENV["MOCOLAB_HEADLESS"] == "1"
-    assert 'os.environ.setdefault("MOCOLAB_HEADLESS", "1")' in (REPO / "tools" / "tour.py").read_text()
 
 
 def test_jupyter_shows_the_block_as_text_and_html():
@@ -560,7 +554,7 @@ def test_half_mass_widget_confirms_when_the_slider_reaches_it(monkeypatch):
     assert "raise T" in text()
 
 
-# ----------------------------------------------------------------------------- make solutions, and the notebooks
+# ----------------------------------------------------------------------------- python -m mocolab.exercises
 def test_main_passes_the_solutions_and_fails_a_wrong_file(tmp_path, capsys):
     assert exercises.main([str(SOLUTIONS_PATH)]) == 0
     assert f"{len(EXERCISES)} of {len(EXERCISES)} exercises pass" in capsys.readouterr().out
@@ -569,46 +563,3 @@ def test_main_passes_the_solutions_and_fails_a_wrong_file(tmp_path, capsys):
     assert exercises.main([str(wrong), "--only", "chance_loss", "--only", "enqueue"]) == 1
     out = capsys.readouterr().out
     assert MISTAKES["chance_forgot_positive"] in out and "defines no function enqueue" in out
-
-
-def test_make_solutions_runs_the_checkers(tmp_path):
-    import shutil
-
-    if shutil.which("make") is None:
-        pytest.skip("GNU make is not installed")
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "python").write_text("#!/bin/sh\n")
-    (venv / ".mocolab-setup.stamp").touch()
-    plan = subprocess.run(["make", "-n", "solutions", f"VENV={venv}"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout
-    assert f"{venv}/bin/python -m mocolab.exercises notebooks/solutions/solutions.py" in plan
-    help_text = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert "make solutions" in help_text
-
-
-NOTEBOOK_OF = {"01": "01_margin_contrastive_loss", "02": "02_npair_and_infonce", "03": "03_memory_bank",
-               "04": "04_queue_without_momentum", "05": "05_momentum_encoder", "06": "06_shuffle_bn",
-               "07": "07_moco_full"}
-
-
-@pytest.mark.parametrize("name", list(EXERCISES))
-def test_notebook_cell_has_the_stub_and_the_check(name):
-    source = (REPO / "notebooks" / f"{NOTEBOOK_OF[EXERCISES[name].notebook]}.py").read_text()
-    cells = source.split("# %%")
-    cell = next((c for c in cells if f'exercises.check("{name}"' in c), None)
-    assert cell is not None, f"no cell calls exercises.check({name!r})"
-    assert re.search(rf"def {name}\(", cell) and "raise NotImplementedError" in cell
-
-
-def test_notebook_02_has_the_widget_exercise():
-    source = (REPO / "notebooks" / "02_npair_and_infonce.py").read_text()
-    assert "exercises.half_mass_temperature(" in source
-
-
-def test_readme_marks_the_exercises():
-    readme = (REPO / "README.md").read_text()
-    assert "make solutions" in readme
-    for stem in NOTEBOOK_OF.values():
-        row = next(line for line in readme.splitlines() if line.startswith(f"| [`{stem}`]"))
-        assert "✎" in row, row

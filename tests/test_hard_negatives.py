@@ -1,18 +1,15 @@
 """MoCHi mixing, DebiasedMoCo and clustering-aware negatives (k-means itself: test_kmeans.py)."""
+from __future__ import annotations
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mocolab.encoders import ConvNet
 from mocolab.hard_negatives import ClusterMoCo, DebiasedMoCo, MoCHi, false_negative_rate, mix_hard_negatives
 from mocolab.losses import debiased_infonce_loss
 from mocolab.moco import MoCo
-
-
-def small_encoder(num_classes=16):
-    return ConvNet(num_classes=num_classes, width=4)
 
 
 def unit(*shape, dim=-1, seed=0):
@@ -90,9 +87,9 @@ def test_mix_bad_shapes():
 
 
 # ----------------------------------------------------------------------------- MoCHi model
-def test_mochi_logits_shape_no_grad_through_synthetic_and_warmup():
+def test_mochi_logits_shape_no_grad_through_synthetic_and_warmup(tiny_encoder):
     torch.manual_seed(0)
-    model = MoCHi(small_encoder, dim=16, K=32, m=0.9, T=0.2, n_hard=8, s=5, s_prime=3, warmup_steps=1)
+    model = MoCHi(tiny_encoder, dim=16, K=32, m=0.9, T=0.2, n_hard=8, s=5, s_prime=3, warmup_steps=1)
     x = torch.randn(4, 3, 32, 32)
     logits, labels = model(x, x)  # warm-up step: plain MoCo
     assert logits.shape == (4, 1 + 32) and model.mixing
@@ -108,10 +105,10 @@ def test_mochi_logits_shape_no_grad_through_synthetic_and_warmup():
                                atol=1e-5, rtol=1e-5)
 
 
-def test_mochi_without_synthetic_equals_moco():
+def test_mochi_without_synthetic_equals_moco(tiny_encoder):
     torch.manual_seed(0)
-    moco = MoCo(small_encoder, dim=16, K=32, m=0.9, T=0.2)
-    mochi = MoCHi(small_encoder, dim=16, K=32, m=0.9, T=0.2, n_hard=4, s=0, s_prime=0)
+    moco = MoCo(tiny_encoder, dim=16, K=32, m=0.9, T=0.2)
+    mochi = MoCHi(tiny_encoder, dim=16, K=32, m=0.9, T=0.2, n_hard=4, s=0, s_prime=0)
     assert set(mochi.state_dict()) - set(moco.state_dict()) == {"step_count"}  # MoCo's state, and the step
     mochi.load_state_dict(moco.state_dict(), strict=False)
     x, y = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
@@ -120,21 +117,21 @@ def test_mochi_without_synthetic_equals_moco():
 
 @pytest.mark.parametrize("kw,match", [(dict(n_hard=0), "n_hard"), (dict(beta_max=0.7), "beta_max"),
                                       (dict(warmup_steps=-1), "warmup_steps"), (dict(T=0), "temperature")])
-def test_mochi_bad_arguments(kw, match):
+def test_mochi_bad_arguments(tiny_encoder, kw, match):
     with pytest.raises(ValueError, match=match):
-        MoCHi(small_encoder, dim=16, K=32, **kw)
+        MoCHi(tiny_encoder, dim=16, K=32, **kw)
 
 
 # ----------------------------------------------------------------------------- debiased MoCo
-def test_debiased_moco_loss():
+def test_debiased_moco_loss(tiny_encoder):
     torch.manual_seed(0)
-    model = DebiasedMoCo(small_encoder, dim=16, K=32, T=0.2, tau_plus=0.1)
+    model = DebiasedMoCo(tiny_encoder, dim=16, K=32, T=0.2, tau_plus=0.1)
     x = torch.randn(4, 3, 32, 32)
     logits, labels = model(x, x)
     torch.testing.assert_close(model.loss(logits, labels), debiased_infonce_loss(logits, 0.1, 0.2))
     model.loss(logits, labels).backward()
     with pytest.raises(ValueError, match="tau_plus"):
-        DebiasedMoCo(small_encoder, dim=16, K=32, tau_plus=1.0)
+        DebiasedMoCo(tiny_encoder, dim=16, K=32, tau_plus=1.0)
 
 
 # ----------------------------------------------------------------------------- false negatives
@@ -152,9 +149,9 @@ def test_false_negative_rate_oracle():
 
 
 # ----------------------------------------------------------------------------- ClusterMoCo
-def test_cluster_moco_drops_same_cluster_negatives_and_counts_false_negatives():
+def test_cluster_moco_drops_same_cluster_negatives_and_counts_false_negatives(tiny_encoder):
     torch.manual_seed(0)
-    model = ClusterMoCo(small_encoder, dim=16, K=16, m=0.9, T=0.2, num_clusters=2, recluster_every=1,
+    model = ClusterMoCo(tiny_encoder, dim=16, K=16, m=0.9, T=0.2, num_clusters=2, recluster_every=1,
                         same_cluster_weight=0.0, queue_init="empty")
     labels = torch.tensor([0, 1] * 8)
     model.set_class_labels(labels)
@@ -174,19 +171,19 @@ def test_cluster_moco_drops_same_cluster_negatives_and_counts_false_negatives():
     assert 0.0 <= rates["before"] <= 1.0 and (math.isnan(rates["after"]) or 0.0 <= rates["after"] <= 1.0)
 
 
-def test_cluster_moco_weight_one_is_moco():
+def test_cluster_moco_weight_one_is_moco(tiny_encoder):
     torch.manual_seed(0)
-    moco = MoCo(small_encoder, dim=16, K=32, m=0.9, T=0.2)
-    cm = ClusterMoCo(small_encoder, dim=16, K=32, m=0.9, T=0.2, num_clusters=3, same_cluster_weight=1.0)
+    moco = MoCo(tiny_encoder, dim=16, K=32, m=0.9, T=0.2)
+    cm = ClusterMoCo(tiny_encoder, dim=16, K=32, m=0.9, T=0.2, num_clusters=3, same_cluster_weight=1.0)
     cm.load_state_dict(moco.state_dict(), strict=False)
     x, y = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(cm(x, y)[0], moco(x, y)[0])
 
 
-def test_cluster_moco_warmup_is_plain_moco_until_the_first_clustering():
+def test_cluster_moco_warmup_is_plain_moco_until_the_first_clustering(tiny_encoder):
     torch.manual_seed(0)
-    moco = MoCo(small_encoder, dim=16, K=32, m=0.9, T=0.2)
-    cm = ClusterMoCo(small_encoder, dim=16, K=32, m=0.9, T=0.2, num_clusters=3, warmup_steps=2)
+    moco = MoCo(tiny_encoder, dim=16, K=32, m=0.9, T=0.2)
+    cm = ClusterMoCo(tiny_encoder, dim=16, K=32, m=0.9, T=0.2, num_clusters=3, warmup_steps=2)
     cm.load_state_dict(moco.state_dict(), strict=False)
     x, y = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
     for _ in range(2):  # the warm-up: no clustering, every negative kept, the same logits as MoCo
@@ -196,9 +193,9 @@ def test_cluster_moco_warmup_is_plain_moco_until_the_first_clustering():
     assert bool(cm.has_centroids)
 
 
-def test_cluster_moco_logits_follow_the_weights():
+def test_cluster_moco_logits_follow_the_weights(tiny_encoder):
     torch.manual_seed(0)
-    model = ClusterMoCo(small_encoder, dim=16, K=32, T=0.2, num_clusters=3, same_cluster_weight=0.5)
+    model = ClusterMoCo(tiny_encoder, dim=16, K=32, T=0.2, num_clusters=3, same_cluster_weight=0.5)
     model.recluster()  # no real keys yet: nothing to cluster
     assert not bool(model.has_centroids)
     model.enqueue(unit(32, 16, seed=5), torch.arange(32))
@@ -218,6 +215,6 @@ def test_cluster_moco_logits_follow_the_weights():
                                       (dict(same_cluster_weight=1.5), "same_cluster_weight"),
                                       (dict(kmeans_iters=0), "kmeans_iters"),
                                       (dict(warmup_steps=-1), "warmup_steps")])
-def test_cluster_moco_bad_arguments(kw, match):
+def test_cluster_moco_bad_arguments(tiny_encoder, kw, match):
     with pytest.raises(ValueError, match=match):
-        ClusterMoCo(small_encoder, dim=16, K=32, **kw)
+        ClusterMoCo(tiny_encoder, dim=16, K=32, **kw)

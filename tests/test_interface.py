@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import pytest
 import torch
@@ -11,28 +10,27 @@ from torch import nn
 import mocolab
 from mocolab.augment import BatchAugment
 from mocolab.checkpoint import load_checkpoint
-from mocolab.encoders import ConvNet
 from mocolab.interface import ContrastiveModel
 from mocolab.train import TrainConfig, fit
 
-enc = partial(ConvNet, width=4)
 N, BATCH, SIZE = 64, 16, 16  # 4 steps per epoch
 
+# each entry builds one model on the base encoder `enc` (the suite's tiny_encoder)
 MODELS = {
-    "moco": lambda: mocolab.MoCo(enc, dim=8, K=32, m=0.9, T=0.2, shuffle_bn="split", bn_splits=2),
-    "moco-symmetric-cosine-m": lambda: mocolab.MoCo(enc, dim=8, K=32, m=0.9, T=0.2, symmetric=True,
+    "moco": lambda enc: mocolab.MoCo(enc, dim=8, K=32, m=0.9, T=0.2, shuffle_bn="split", bn_splits=2),
+    "moco-symmetric-cosine-m": lambda enc: mocolab.MoCo(enc, dim=8, K=32, m=0.9, T=0.2, symmetric=True,
                                                     momentum_schedule="cosine", queue_init="empty"),
-    "end-to-end": lambda: mocolab.EndToEnd(enc, dim=8, T=0.2),
-    "memory-bank-nce": lambda: mocolab.MemoryBankModel(enc, num_samples=N, dim=8, K=16, T=0.2, loss="nce"),
-    "margin-pairs": lambda: mocolab.MarginPairs(enc, dim=8, margin=1.0),
+    "end-to-end": lambda enc: mocolab.EndToEnd(enc, dim=8, T=0.2),
+    "memory-bank-nce": lambda enc: mocolab.MemoryBankModel(enc, num_samples=N, dim=8, K=16, T=0.2, loss="nce"),
+    "margin-pairs": lambda enc: mocolab.MarginPairs(enc, dim=8, margin=1.0),
     # warm-up ends during epoch 2 and k-means runs at steps 1, 4, 7: a resume at step 4 must know the step
-    "mochi": lambda: mocolab.MoCHi(enc, dim=8, K=32, m=0.9, T=0.2, n_hard=8, s=4, s_prime=2, warmup_steps=6),
-    "debiased": lambda: mocolab.DebiasedMoCo(enc, dim=8, K=32, m=0.9, T=0.2, tau_plus=0.1),
-    "cluster": lambda: mocolab.ClusterMoCo(enc, dim=8, K=32, m=0.9, T=0.2, num_clusters=3, recluster_every=3,
+    "mochi": lambda enc: mocolab.MoCHi(enc, dim=8, K=32, m=0.9, T=0.2, n_hard=8, s=4, s_prime=2, warmup_steps=6),
+    "debiased": lambda enc: mocolab.DebiasedMoCo(enc, dim=8, K=32, m=0.9, T=0.2, tau_plus=0.1),
+    "cluster": lambda enc: mocolab.ClusterMoCo(enc, dim=8, K=32, m=0.9, T=0.2, num_clusters=3, recluster_every=3,
                                            warmup_steps=1),
-    "cmc": lambda: mocolab.CMC(enc, dim=8, K=32, m=0.9, T=0.2),
-    "distill-crd": lambda: mocolab.ContrastiveDistill(enc(num_classes=8), enc(num_classes=8), dim=8, K=32, T=0.2),
-    "distill-l2": lambda: mocolab.ContrastiveDistill(enc(num_classes=8), enc(num_classes=8), dim=8, K=32, T=0.2,
+    "cmc": lambda enc: mocolab.CMC(enc, dim=8, K=32, m=0.9, T=0.2),
+    "distill-crd": lambda enc: mocolab.ContrastiveDistill(enc(num_classes=8), enc(num_classes=8), dim=8, K=32, T=0.2),
+    "distill-l2": lambda enc: mocolab.ContrastiveDistill(enc(num_classes=8), enc(num_classes=8), dim=8, K=32, T=0.2,
                                                      loss="l2"),
 }
 
@@ -44,14 +42,14 @@ def data():
     return images, (images, labels, images[:16], labels[:16])
 
 
-def build(name):
+def build(name, enc):
     torch.manual_seed(0)
-    return MODELS[name]()
+    return MODELS[name](enc)
 
 
-def run(name, *, checkpoint=None, resume=None, stop_in_epoch=None):
+def run(name, enc, *, checkpoint=None, resume=None, stop_in_epoch=None):
     images, eval_data = data()
-    model = build(name)
+    model = build(name, enc)
     if name == "cluster":
         model.set_class_labels(eval_data[1])  # false negatives are counted with the batch's index
 
@@ -65,18 +63,18 @@ def run(name, *, checkpoint=None, resume=None, stop_in_epoch=None):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_every_model_trains_with_fit_and_resumes_exactly(name, tmp_path):
-    ref, ref_hist = run(name)
+def test_every_model_trains_with_fit_and_resumes_exactly(name, tmp_path, tiny_encoder):
+    ref, ref_hist = run(name, tiny_encoder)
     assert isinstance(ref, ContrastiveModel)
     assert len(ref_hist["step_loss"]) == 8 and all(math.isfinite(v) for v in ref_hist["step_loss"])
     assert ref_hist["knn_epoch"] == [1, 2] and all(0 <= a <= 100 for a in ref_hist["knn_acc"])
 
     ckpt = tmp_path / "checkpoint.pt"
     with pytest.raises(KeyboardInterrupt):
-        run(name, checkpoint=ckpt, stop_in_epoch=2)
+        run(name, tiny_encoder, checkpoint=ckpt, stop_in_epoch=2)
     assert load_checkpoint(ckpt)["epoch"] == 1
     torch.manual_seed(12345)  # what the checkpoint restores must not depend on the state of the process
-    model, hist = run(name, checkpoint=ckpt, resume=ckpt)
+    model, hist = run(name, tiny_encoder, checkpoint=ckpt, resume=ckpt)
     assert hist["step_loss"] == ref_hist["step_loss"] and hist["knn_acc"] == ref_hist["knn_acc"]
     ref_sd, sd = ref.state_dict(), model.state_dict()
     assert ref_sd.keys() == sd.keys()
@@ -87,8 +85,8 @@ def test_every_model_trains_with_fit_and_resumes_exactly(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_the_interface_of_every_model(name, monkeypatch):
-    model = build(name)
+def test_the_interface_of_every_model(name, monkeypatch, tiny_encoder):
+    model = build(name, tiny_encoder)
     x1, x2 = torch.randn(8, 3, SIZE, SIZE), torch.randn(8, 3, SIZE, SIZE)
     index = torch.arange(8)
     model.set_progress(0, 10)
@@ -110,6 +108,15 @@ def test_the_interface_of_every_model(name, monkeypatch):
     model.compile_encoders()
     submodules = {id(m) for m in model.modules()}
     assert compiled and all(id(m) in submodules for m in compiled)
+
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_trained_encoders_hold_every_parameter_the_optimiser_trains(name, tiny_encoder):
+    """What DistributedDataParallel wraps under several processes: every parameter with a gradient, nothing else."""
+    model = build(name, tiny_encoder)
+    declared = {id(p) for enc in model.trained_encoders for p in model.get_submodule(enc).parameters()}
+    assert declared == {id(p) for p in model.parameters() if p.requires_grad}
 
 
 def test_fit_refuses_a_model_without_the_interface():

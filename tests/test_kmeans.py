@@ -1,4 +1,6 @@
 """Tests for mocolab.kmeans: Lloyd's k-means with k-means++ seeding, single and batched."""
+from __future__ import annotations
+
 import pytest
 import torch
 

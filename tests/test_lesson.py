@@ -1,4 +1,6 @@
 """mocolab.lesson: the verdicts on headline effects, and the metrics file of a notebook run."""
+from __future__ import annotations
+
 import json
 
 import pytest

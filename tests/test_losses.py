@@ -1,11 +1,12 @@
+from __future__ import annotations
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mocolab.losses import (NCECriterion, infonce_logits, infonce_loss, margin_contrastive_loss, nce_loss,
-                            npair_loss)
+from mocolab.losses import NCECriterion, infonce_logits, infonce_loss, margin_contrastive_loss, nce_loss, npair_loss
 
 
 def unit(*shape, seed=0):
@@ -41,7 +42,8 @@ def test_npair_matches_sohn_formula():
 
 def test_npair_with_explicit_negatives():
     a, p, n = unit(3, 4, seed=5), unit(3, 4, seed=6), unit(3, 7, 4, seed=7)
-    expected = sum(math.log1p(sum(math.exp(float(a[i] @ n[i, j] - a[i] @ p[i])) for j in range(7))) for i in range(3)) / 3
+    expected = sum(math.log1p(sum(math.exp(float(a[i] @ n[i, j] - a[i] @ p[i])) for j in range(7)))
+                   for i in range(3)) / 3
     assert npair_loss(a, p, n).item() == pytest.approx(expected, rel=1e-5)
 
 

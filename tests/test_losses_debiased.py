@@ -1,4 +1,6 @@
 """Debiased contrastive loss (Chuang et al. 2020): closed forms, a naive-loop oracle, bad input."""
+from __future__ import annotations
+
 import math
 
 import pytest

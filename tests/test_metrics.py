@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import math
 
 import numpy as np
@@ -5,8 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mocolab.metrics import (alignment, collapse_std, default_similarities, key_consistency, nearest_and_hardest,
-                             similarity_stats, temperature_softmax, uniformity)
+from mocolab.metrics import (
+    alignment,
+    collapse_std,
+    default_similarities,
+    key_consistency,
+    nearest_and_hardest,
+    similarity_stats,
+    temperature_softmax,
+    uniformity,
+)
 
 
 def test_alignment_oracle():
@@ -41,13 +51,8 @@ def test_key_consistency_and_similarity_stats():
 # -- KeyConsistencyProbe ------------------------------------------------------------------------
 from types import SimpleNamespace  # noqa: E402
 
-from mocolab.encoders import ConvNet  # noqa: E402
 from mocolab.metrics import KeyConsistencyProbe  # noqa: E402
 from mocolab.moco import MoCo  # noqa: E402
-
-
-def _tiny(num_classes=8):
-    return ConvNet(num_classes=num_classes, width=4)
 
 
 def _train(model, probe, steps, n=4, lr=0.5):
@@ -62,9 +67,9 @@ def _train(model, probe, steps, n=4, lr=0.5):
         probe(SimpleNamespace(model=model, step=step, im_q=im_q, im_k=im_k))
 
 
-def test_probe_keeps_the_enqueued_keys_and_a_frozen_key_encoder_is_consistent():
+def test_probe_keeps_the_enqueued_keys_and_a_frozen_key_encoder_is_consistent(tiny_encoder):
     torch.manual_seed(0)
-    model = MoCo(_tiny, dim=8, K=10, m=1.0, T=0.1)  # m = 1: the key encoder never changes
+    model = MoCo(tiny_encoder, dim=8, K=10, m=1.0, T=0.1)  # m = 1: the key encoder never changes
     probe = KeyConsistencyProbe()
     _train(model, probe, steps=5)
     assert probe.steps == 3 and len(probe) == 3  # ceil(K / N) = ceil(10 / 4): the whole queue (wraps)
@@ -76,9 +81,9 @@ def test_probe_keeps_the_enqueued_keys_and_a_frozen_key_encoder_is_consistent():
     assert r["identification"] == pytest.approx(100.0) and 0.0 < r["margin"] <= 1.0 + 1e-5
 
 
-def test_probe_relative_measures_see_through_collapse():
+def test_probe_relative_measures_see_through_collapse(tiny_encoder):
     # every key the same vector: the cosine says "consistent", identification and margin do not
-    model = MoCo(_tiny, dim=8, K=8, m=1.0, T=0.1)
+    model = MoCo(tiny_encoder, dim=8, K=8, m=1.0, T=0.1)
     for p in model.encoder_k.parameters():
         p.data.zero_()
     model.encoder_k.fc.bias.data[0] = 1.0  # constant output e_0 for every input
@@ -92,9 +97,9 @@ def test_probe_relative_measures_see_through_collapse():
     assert r["identification"] <= 100.0 / 8 + 1e-6  # ties go to the first stored key: only one row is "right"
 
 
-def test_probe_sees_a_fast_key_encoder_drift_and_leaves_bn_statistics_alone():
+def test_probe_sees_a_fast_key_encoder_drift_and_leaves_bn_statistics_alone(tiny_encoder):
     torch.manual_seed(0)
-    model = MoCo(_tiny, dim=8, K=12, m=0.0, T=0.1)  # m = 0: the key encoder copies the query encoder each step
+    model = MoCo(tiny_encoder, dim=8, K=12, m=0.0, T=0.1)  # m = 0: the key encoder copies the query encoder each step
     probe = KeyConsistencyProbe(steps=3)
     _train(model, probe, steps=6)
     stats = [b.clone() for b in model.encoder_k.buffers()]
@@ -110,9 +115,9 @@ def test_probe_sees_a_fast_key_encoder_drift_and_leaves_bn_statistics_alone():
     assert set(history) == {"key_consistency", "key_identification", "key_margin"}
 
 
-def test_probe_symmetric_model_and_bad_arguments():
+def test_probe_symmetric_model_and_bad_arguments(tiny_encoder):
     torch.manual_seed(0)
-    model = MoCo(_tiny, dim=8, K=16, m=1.0, T=0.1, symmetric=True)
+    model = MoCo(tiny_encoder, dim=8, K=16, m=1.0, T=0.1, symmetric=True)
     probe = KeyConsistencyProbe(steps=2)
     _train(model, probe, steps=2)
     r = probe.measure(model)

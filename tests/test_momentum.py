@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import copy
 import math
 
@@ -6,8 +8,15 @@ import pytest
 import torch
 
 from mocolab.encoders import ConvNet
-from mocolab.momentum import (MomentumUpdater, check_momentum, cosine_momentum, ema_track, freeze, momentum_at,
-                              momentum_update)
+from mocolab.momentum import (
+    MomentumUpdater,
+    check_momentum,
+    cosine_momentum,
+    ema_track,
+    freeze,
+    momentum_at,
+    momentum_update,
+)
 
 
 def pair(seed=0):

@@ -1,12 +1,11 @@
 """CMC: rgb -> Lab against reference values and a per-pixel oracle, the two-view model's interface."""
-import functools
+from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mocolab.augment import normalize
-from mocolab.encoders import ConvNet
 from mocolab.multiview import CMC, lab_views, rgb_to_lab
 
 # sRGB -> CIE Lab (D65), reference values as published by colour-science tables / scikit-image
@@ -68,15 +67,11 @@ def test_lab_views_undo_the_normalisation():
     assert float(l.abs().max()) <= 1.0 + 1e-5 and float(ab.abs().max()) <= 1.0 + 1e-5
 
 
-def small(num_classes=16, in_channels=3):
-    return ConvNet(num_classes=num_classes, width=4, in_channels=in_channels)
-
-
 @pytest.mark.parametrize("out_bn", [True, False])
 @pytest.mark.parametrize("views", ["two_crops", "same_crop"])
-def test_cmc_forward_shapes_loss_and_symmetric_oracle(views, out_bn):
+def test_cmc_forward_shapes_loss_and_symmetric_oracle(tiny_encoder, views, out_bn):
     torch.manual_seed(0)
-    model = CMC(small, dim=16, K=32, m=0.9, T=0.2, views=views, out_bn=out_bn)
+    model = CMC(tiny_encoder, dim=16, K=32, m=0.9, T=0.2, views=views, out_bn=out_bn)
     conv_l, conv_ab = (model.encoder_l[0], model.encoder_ab[0]) if out_bn else (model.encoder_l, model.encoder_ab)
     if out_bn:  # the output BatchNorm1d of each view's encoder, and of its key copy
         for enc in (model.encoder_l, model.encoder_ab, model.encoder_l_k, model.encoder_ab_k):
@@ -109,9 +104,9 @@ def test_cmc_forward_shapes_loss_and_symmetric_oracle(views, out_bn):
     assert conv_l.fc.weight.grad is not None and conv_ab.fc.weight.grad is not None
 
 
-def test_cmc_momentum_update_of_both_key_encoders():
+def test_cmc_momentum_update_of_both_key_encoders(tiny_encoder):
     torch.manual_seed(0)
-    model = CMC(small, dim=16, K=32, m=0.5, T=0.2)
+    model = CMC(tiny_encoder, dim=16, K=32, m=0.5, T=0.2)
     with torch.no_grad():
         for p in list(model.encoder_l.parameters()) + list(model.encoder_ab.parameters()):
             p.add_(1.0)
@@ -124,9 +119,9 @@ def test_cmc_momentum_update_of_both_key_encoders():
     model(x, x)
 
 
-def test_cmc_eval_features_concatenate_normalised_views():
+def test_cmc_eval_features_concatenate_normalised_views(tiny_encoder):
     torch.manual_seed(0)
-    model = CMC(functools.partial(ConvNet, width=4), dim=16, K=32)
+    model = CMC(tiny_encoder, dim=16, K=32)
     x = normalize(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
     model.eval()
     feats = model.encoder_for_eval()(x)
@@ -141,14 +136,14 @@ def test_cmc_eval_features_concatenate_normalised_views():
         model.encoder_for_eval("rgb")
 
 
-def test_cmc_trains_with_fit():
+def test_cmc_trains_with_fit(tiny_encoder):
     from mocolab.augment import BatchAugment
     from mocolab.train import TrainConfig, fit
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(16) % 2
-    model = CMC(small, dim=16, K=32, m=0.9, T=0.2)
+    model = CMC(tiny_encoder, dim=16, K=32, m=0.9, T=0.2)
     hist = fit(model, images, BatchAugment(32, p_gray=0.0), TrainConfig(epochs=1, batch_size=8, knn_k=5),
                eval_data=(images, labels, images, labels), device="cpu", verbose=False)
     assert len(hist["loss"]) == 1 and len(hist["knn_acc"]) == 1
@@ -157,22 +152,22 @@ def test_cmc_trains_with_fit():
 @pytest.mark.parametrize("kw,match", [(dict(views="three"), "views"), (dict(T=-1), "temperature"),
                                       (dict(m=2), "momentum"), (dict(K=0), "K"),
                                       (dict(std=(1, 0, 1)), "std")])
-def test_cmc_bad_arguments(kw, match):
+def test_cmc_bad_arguments(tiny_encoder, kw, match):
     with pytest.raises(ValueError, match=match):
-        CMC(small, dim=16, **{"K": 32, **kw})
+        CMC(tiny_encoder, dim=16, **{"K": 32, **kw})
 
 
-def test_cmc_two_crops_needs_im_k():
-    model = CMC(small, dim=16, K=32)
+def test_cmc_two_crops_needs_im_k(tiny_encoder):
+    model = CMC(tiny_encoder, dim=16, K=32)
     with pytest.raises(ValueError, match="im_k"):
         model(torch.randn(2, 3, 32, 32))
 
 
-def test_cmc_output_bn_centres_each_views_features_over_the_batch():
+def test_cmc_output_bn_centres_each_views_features_over_the_batch(tiny_encoder):
     torch.manual_seed(0)
     x = normalize(torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8))
     l, ab = lab_views(x)
-    with_bn, without = CMC(small, dim=16, K=32, out_bn=True), CMC(small, dim=16, K=32, out_bn=False)
+    with_bn, without = CMC(tiny_encoder, dim=16, K=32, out_bn=True), CMC(tiny_encoder, dim=16, K=32, out_bn=False)
     f = with_bn.encoder_l(l)  # train mode: batch statistics
     torch.testing.assert_close(f.mean(0), torch.zeros(16), atol=1e-5, rtol=0)  # BN's bias starts at 0
     raw = without.encoder_l(l)

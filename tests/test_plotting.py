@@ -1,5 +1,7 @@
 """Tests for the views (mocolab.plotting, mocolab.gallery, mocolab.embedding): figures are returned, axes
 respected, no global style change."""
+from __future__ import annotations
+
 import os
 import sys
 import warnings
@@ -15,9 +17,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from mocolab import embedding as E  # noqa: E402
-from mocolab import gallery as G  # noqa: E402
-from mocolab import plotting as P  # noqa: E402
+from mocolab import (
+    embedding as E,  # noqa: E402
+    gallery as G,  # noqa: E402
+    plotting as P,  # noqa: E402
+)
 from mocolab.metrics import temperature_softmax  # noqa: E402
 from mocolab.momentum import ema_track  # noqa: E402
 from mocolab.queue import queue_staleness  # noqa: E402

@@ -1,4 +1,6 @@
 """Tests for mocolab.progress: the environment switches turn bars off."""
+from __future__ import annotations
+
 import pytest
 
 from mocolab.progress import progress, progress_disabled

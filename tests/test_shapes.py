@@ -121,8 +121,8 @@ def test_shapes_outline_draws_a_stroke_inside_the_filled_shape():
 
 
 def test_shapes_lab_shows_the_object_in_both_l_and_ab():
-    from mocolab.shapes import SHAPES_STYLES, _render_shapes_chunk
     from mocolab.multiview import rgb_to_lab
+    from mocolab.shapes import SHAPES_STYLES, _render_shapes_chunk
 
     plain = dict(SHAPES_STYLES["lab"], texture=(0.0, 0.0), noise=0.0, p_clutter=0.0)
     labels = torch.arange(10).repeat(5)

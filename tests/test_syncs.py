@@ -1,4 +1,6 @@
 """count_host_syncs: host reads of tensor values are counted, nothing else, and torch is left as it was."""
+from __future__ import annotations
+
 import threading
 
 import pytest
@@ -32,7 +34,7 @@ def test_device_work_and_metadata_are_not_counted():
         x.shape[0], x.dtype, x.device, x.is_contiguous(), len(x), x.dim()
         x.to(torch.float64), x.to(x.device), x.to("meta")
         m = torch.empty(3, device="meta")
-        with pytest.raises(Exception):
+        with pytest.raises((RuntimeError, NotImplementedError)):
             m.item()  # a meta tensor has no value to read: not a sync
     assert syncs.count == 0, syncs.sites
     assert y.shape == (8,)

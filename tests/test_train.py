@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-from functools import partial
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch
 from mocolab.augment import BatchAugment
 from mocolab.baselines import EndToEnd, MemoryBankModel
 from mocolab.distributed import shard
-from mocolab.encoders import ConvNet
 from mocolab.moco import MoCo
 from mocolab.pretrain import PRESETS, VERSIONS, build_model, choose_queue_size, pretrain, resolve_config
 from mocolab.train import TrainConfig, fit, lr_at, make_optimizer
@@ -25,12 +23,18 @@ def data(n=32, size=16):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.arange(n) % 4
 
 
-def moco(**kw):
-    torch.manual_seed(0)
-    return MoCo(partial(ConvNet, width=4), dim=8, K=32, m=0.9, T=0.2, **kw)
+@pytest.fixture
+def moco(tiny_encoder):
+    """``moco(**kw)``: a seeded MoCo on the tiny encoder."""
+
+    def make(**kw):
+        torch.manual_seed(0)
+        return MoCo(tiny_encoder, dim=8, K=32, m=0.9, T=0.2, **kw)
+
+    return make
 
 
-def test_fit_equals_a_plain_loop():
+def test_fit_equals_a_plain_loop(moco):
     """Oracle: the loop written out by hand (batch order, views, cosine lr, SGD) gives the same weights and losses
     (on the CPU: bit for bit)."""
     images, labels = data()
@@ -62,7 +66,7 @@ def test_fit_equals_a_plain_loop():
         assert torch.equal(a, b), k
 
 
-def test_history_keys_and_monitor():
+def test_history_keys_and_monitor(moco):
     images, labels = data()
     seen = []
     hist = fit(moco(), images, BatchAugment(16), TrainConfig(epochs=3, batch_size=8, knn_every=2, knn_k=5),
@@ -76,15 +80,15 @@ def test_history_keys_and_monitor():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: moco(symmetric=True),
-    lambda: moco(shuffle_bn="split", bn_splits=2),
-    lambda: EndToEnd(partial(ConvNet, width=4), dim=8),
-    lambda: MemoryBankModel(partial(ConvNet, width=4), num_samples=32, dim=8, K=16),
+    lambda moco, enc: moco(symmetric=True),
+    lambda moco, enc: moco(shuffle_bn="split", bn_splits=2),
+    lambda moco, enc: EndToEnd(enc, dim=8),
+    lambda moco, enc: MemoryBankModel(enc, num_samples=32, dim=8, K=16),
 ])
-def test_fit_trains_every_model_kind(make):
+def test_fit_trains_every_model_kind(moco, tiny_encoder, make):
     images, _ = data()
-    hist = fit(make(), images, BatchAugment(16), TrainConfig(epochs=1, batch_size=8, channels_last=True),
-               device="cpu", verbose=False)
+    hist = fit(make(moco, tiny_encoder), images, BatchAugment(16),
+               TrainConfig(epochs=1, batch_size=8, channels_last=True), device="cpu", verbose=False)
     assert all(math.isfinite(v) for v in hist["step_loss"]) and len(hist["step_loss"]) == 4
 
 
@@ -108,7 +112,7 @@ def test_train_config_validation(kw, match):
         TrainConfig.from_dict({"epochs": 1, "bogus": 2})
 
 
-def test_bad_inputs_to_fit():
+def test_bad_inputs_to_fit(moco):
     images, _ = data()
     with pytest.raises(ValueError, match="uint8"):
         fit(moco(), images.float(), BatchAugment(16), TrainConfig(epochs=1, batch_size=8), device="cpu", verbose=False)
@@ -174,7 +178,7 @@ def test_pretrain_writes_metrics_and_checkpoint(tmp_path):
         pretrain(dict(limit=128, epochs=1, batch_size=32, K=96, out=str(out), resume=True), verbose=False)
 
 
-def test_amp_and_channels_last_on_the_cpu():
+def test_amp_and_channels_last_on_the_cpu(moco):
     """bf16 autocast (the GPU path's setting) runs on the CPU too and keeps the queue in float32."""
     images, _ = data(16)
     model = moco()
@@ -184,7 +188,7 @@ def test_amp_and_channels_last_on_the_cpu():
     torch.testing.assert_close(model.queue.norm(dim=0), torch.ones(32), atol=1e-2, rtol=0)
 
 
-def test_compile_option_compiles_both_encoders_in_place(monkeypatch, tmp_path):
+def test_compile_option_compiles_both_encoders_in_place(moco, monkeypatch, tmp_path):
     """compile=True calls Module.compile (in place: the state-dict keys stay those of the plain model).
 
     Compiling for real takes minutes on a small CPU; benchmarks/gpu_check.sh runs it on a GPU.
@@ -230,12 +234,12 @@ def test_resume_applies_a_new_lr_T_and_weight_decay(tmp_path):
     assert res.model.T == 0.2 and res.history["lr"] == [0.03, 0.015]
     assert res.metrics["resume_changes"] == {"T": [0.1, 0.2], "lr": [0.03, 0.015], "weight_decay": [5e-4, 1e-4]}
     state = load_checkpoint(out / "checkpoint.pt")
-    assert [(g["lr"], g["weight_decay"]) for g in state["optimizer"]["param_groups"]] == [(0.03, 1e-4)]
-    assert state["config"]["lr"] == 0.03 and state["epoch"] == 2
+    assert [(g["lr"], g["weight_decay"]) for g in state["optimizer"]["param_groups"]] == [(0.015, 1e-4)]
+    assert state["config"]["lr"] == 0.015 and state["epoch"] == 2
     from mocolab.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="already trained 2 epochs, more than epochs=1"):
-        pretrain(dict(SMALL, schedule="constant", lr=0.03, T=0.2, weight_decay=1e-4, out=str(out), resume=True),
+        pretrain(dict(SMALL, schedule="constant", lr=0.015, T=0.2, weight_decay=1e-4, out=str(out), resume=True),
                  verbose=False)
     with pytest.raises(CheckpointError, match="other settings.*m=0.99"):  # m is not one of lr, T, weight_decay
         pretrain(dict(SMALL, schedule="constant", epochs=3, m=0.9, out=str(out), resume=True), verbose=False)
@@ -307,29 +311,29 @@ def _no_sync_augment(x, generator=None):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: EndToEnd(partial(ConvNet, width=4), dim=8),
-    lambda: moco(shuffle_bn="split", bn_splits=2),
+    lambda moco, enc: EndToEnd(enc, dim=8),
+    lambda moco, enc: moco(shuffle_bn="split", bn_splits=2),
 ])
-def test_fit_steps_read_nothing_back_to_the_host(make):
+def test_fit_steps_read_nothing_back_to_the_host(moco, tiny_encoder, make):
     """Without on_step, fit's loop reads no device value per step: two runs of 2 and 6 steps make the same
     number of host reads (the epoch's one read of the losses, counts and finiteness flag)."""
     from mocolab.syncs import count_host_syncs
 
     images, _ = data(48)
+    cfg = TrainConfig(epochs=1, batch_size=8, knn_every=0)
     counts = []
     for steps in (2, 6):
         with count_host_syncs() as syncs:
-            fit(make(), images[:8 * steps], _no_sync_augment, TrainConfig(epochs=1, batch_size=8, knn_every=0),
-                device="cpu", verbose=False)
+            fit(make(moco, tiny_encoder), images[:8 * steps], _no_sync_augment, cfg, device="cpu", verbose=False)
         counts.append(syncs.count)
     assert counts[0] == counts[1] <= 1, syncs.sites
     seen = []  # with on_step the loss is read each step, and handed over as a float
-    fit(make(), images[:16], _no_sync_augment, TrainConfig(epochs=1, batch_size=8, knn_every=0), device="cpu",
-        verbose=False, on_step=lambda st: seen.append(st.loss))
+    fit(make(moco, tiny_encoder), images[:16], _no_sync_augment, cfg, device="cpu", verbose=False,
+        on_step=lambda st: seen.append(st.loss))
     assert len(seen) == 2 and all(type(v) is float for v in seen)
 
 
-def test_checkpoint_cadence(tmp_path, monkeypatch):
+def test_checkpoint_cadence(moco, tmp_path, monkeypatch):
     import mocolab.train as train
 
     images, _ = data()
@@ -351,7 +355,7 @@ def test_checkpoint_cadence(tmp_path, monkeypatch):
         TrainConfig(save_every=-1)
 
 
-def test_interrupt_saves_the_last_finished_epoch_as_it_was(tmp_path):
+def test_interrupt_saves_the_last_finished_epoch_as_it_was(moco, tmp_path):
     """Ctrl-C during epoch 3 with no checkpoint due: epoch 2 is written as it was at its end, and resuming
     from it gives the run that was never interrupted, bit for bit."""
     from mocolab.checkpoint import load_checkpoint
@@ -374,7 +378,7 @@ def test_interrupt_saves_the_last_finished_epoch_as_it_was(tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_divergence_guard_watches_buffers_and_never_saves_them(tmp_path):
+def test_divergence_guard_watches_buffers_and_never_saves_them(moco, tmp_path):
     """A BN running_var that turns infinite (the loss stays finite: training BN uses batch statistics) stops
     the run at the end of that epoch; the last finite epoch is written, the bad state never."""
     from mocolab.checkpoint import load_checkpoint
@@ -391,7 +395,8 @@ def test_divergence_guard_watches_buffers_and_never_saves_them(tmp_path):
             bn.running_var[0] = float("inf")
         return _no_sync_augment(x, generator)
     ckpt = tmp_path / "c.pt"
-    with pytest.raises(NonFiniteLossError, match=r"epoch 2 .*features\.1\.1\.running_var.*epoch 1 .*intact.*--lr") as err:
+    match = r"epoch 2 .*features\.1\.1\.running_var.*epoch 1 .*intact.*--lr"
+    with pytest.raises(NonFiniteLossError, match=match) as err:
         fit(model, images, augment, TrainConfig(epochs=4, batch_size=8, knn_every=0, save_every=0), device="cpu",
             verbose=False, checkpoint=ckpt)
     assert "loss became" not in str(err.value) and DivergenceError is NonFiniteLossError
@@ -414,7 +419,7 @@ def test_cli_exits_nonzero_on_divergence_and_leaves_only_finite_checkpoints(tmp_
         assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_sgd_is_fused_only_on_a_gpu():
+def test_sgd_is_fused_only_on_a_gpu(moco):
     opt = make_optimizer(moco(), TrainConfig())
     assert not opt.param_groups[0].get("fused")
 

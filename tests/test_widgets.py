@@ -1,4 +1,6 @@
 """Tests for mocolab.widgets: the explorers built headless (their maths: test_metrics, test_momentum, test_queue)."""
+from __future__ import annotations
+
 import math
 import os
 

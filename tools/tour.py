@@ -314,7 +314,8 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; padding: 0 1rem; }
 h1 { margin-bottom: 0.2rem; }
 .summary { color: #555; margin-bottom: 1.5rem; }
-.card { border: 1px solid #ddd; border-left: 6px solid #2e7d32; border-radius: 6px; padding: 0.8rem 1rem; margin: 1rem 0; }
+.card { border: 1px solid #ddd; border-left: 6px solid #2e7d32; border-radius: 6px; padding: 0.8rem 1rem;
+        margin: 1rem 0; }
 .card.short { border-left-color: #ef6c00; }
 .card.failed { border-left-color: #c62828; background: #fff6f6; }
 .card h2 { font-size: 1.15rem; margin: 0 0 0.3rem 0; }
@@ -333,7 +334,8 @@ ul.effects li.fails { background: #fdecea; }
 .no-effects { color: #777; font-size: 0.9rem; margin: 0.5rem 0; }
 .notes { color: #8a5300; font-size: 0.9rem; }
 h3.metrics { font-size: 0.85rem; color: #777; font-weight: normal; margin: 0.8rem 0 0 0; text-transform: uppercase; }
-dl.metrics { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr)); gap: 0 1.5rem; margin: 0.3rem 0 0.6rem 0; font-size: 0.9rem; }
+dl.metrics { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr)); gap: 0 1.5rem;
+             margin: 0.3rem 0 0.6rem 0; font-size: 0.9rem; }
 dl.metrics div { display: flex; justify-content: space-between; border-bottom: 1px solid #eee; padding: 0.1rem 0; }
 dl.metrics dt { font-family: monospace; color: #333; }
 dl.metrics dd { margin: 0 0 0 1rem; text-align: right; }
@@ -342,7 +344,8 @@ dl.metrics dd { margin: 0 0 0 1rem; text-align: right; }
 ol.toc { columns: 2; margin: 0 0 1.5rem 0; }
 ol.toc li.failed a { color: #c62828; }
 ol.toc .count { color: #777; font-size: 0.85rem; }
-pre.error { white-space: pre-wrap; background: #fff; border: 1px solid #f1c0c0; padding: 0.5rem; font-size: 0.8rem; max-height: 20rem; overflow: auto; }
+pre.error { white-space: pre-wrap; background: #fff; border: 1px solid #f1c0c0; padding: 0.5rem; font-size: 0.8rem;
+            max-height: 20rem; overflow: auto; }
 """
 
 
@@ -403,7 +406,8 @@ def render_index(results: list[NotebookResult], heading: str = "mocolab tour") -
         links = ""
         for r in results:
             count = f' <span class="count">{r.effects_held}/{len(r.effects)}</span>' if r.effects else ""
-            links += (f'<li class="{"ok" if r.ok else "failed"}"><a href="#nb-{esc(r.name)}">{esc(r.title or r.name)}</a>'
+            state = "ok" if r.ok else "failed"
+            links += (f'<li class="{state}"><a href="#nb-{esc(r.name)}">{esc(r.title or r.name)}</a>'
                       f'{"" if r.ok else " — failed"}{count}</li>')
         parts.append(f'<ol class="toc">{links}</ol>')
     for r in results:
@@ -480,13 +484,15 @@ def _parse_value(text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run every notebook with default parameters; write runs/tour/index.html.")
+    parser = argparse.ArgumentParser(
+        description="Run every notebook with default parameters; write runs/tour/index.html.")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
                         help="run only this notebook (name without .ipynb); repeatable")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="override a parameter in every notebook, e.g. -p DEVICE cuda")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: runs/tour)")
-    parser.add_argument("--notebook-dir", type=Path, default=NOTEBOOK_DIR, help="where the notebooks are (default: notebooks/)")
+    parser.add_argument("--notebook-dir", type=Path, default=NOTEBOOK_DIR,
+                        help="where the notebooks are (default: notebooks/)")
     parser.add_argument("--timeout", type=int, default=None, help="seconds allowed per cell (default: none)")
     args = parser.parse_args(argv)
 
@@ -520,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     index = write_index(results, out_root)
     failed = [r.name for r in results if not r.ok]
     held, judged = sum(r.effects_held for r in results), sum(len(r.effects) for r in results)
-    print(f"[tour] {len(results) - len(failed)} of {len(results)} ran in {_fmt_seconds(sum(r.seconds for r in results))};"
+    seconds = _fmt_seconds(sum(r.seconds for r in results))
+    print(f"[tour] {len(results) - len(failed)} of {len(results)} ran in {seconds};"
           f" {f'{held}/{judged} headline effects hold' if judged else 'no headline effects'}; wrote {index}",
           flush=True)
     if failed:

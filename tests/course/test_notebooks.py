@@ -32,12 +32,12 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = Path(os.environ.get("MOCOLAB_NOTEBOOK_DIR", REPO / "notebooks")).resolve()
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 
@@ -67,8 +67,9 @@ CI_PARAMETERS: dict[str, dict] = {
                           "BATCH_SIZE": 64, "EMBEDDING_METHOD": "pca", "GALLERY_QUERIES": 2},
     "07_moco_full": {"NUM_IMAGES": 128, "EPOCHS": 2, "BATCH_SIZE": 32, "K": 64, "KNN_EVERY": 1, "COMPARE": True},
     "10_beyond_moco": {"NUM_IMAGES": 128, "NUM_TEST": 64, "WIDTH": 8, "CMC_WIDTH": 4, "STUDENT_WIDTH": 4, "K": 64,
-                       "EPOCHS": 1, "CMC_EPOCHS": 1, "BATCH_SIZE": 32, "MOCHI_N_HARD": 8, "MOCHI_S": 8, "MOCHI_S_PRIME": 2,
-                       "MOCHI_WARMUP_EPOCHS": 0, "NUM_CLUSTERS": 4, "RECLUSTER_EVERY": 2, "CLUSTER_WARMUP_EPOCHS": 0, "KNN_K": 10},
+                       "EPOCHS": 1, "CMC_EPOCHS": 1, "BATCH_SIZE": 32, "MOCHI_N_HARD": 8, "MOCHI_S": 8,
+                       "MOCHI_S_PRIME": 2, "MOCHI_WARMUP_EPOCHS": 0, "NUM_CLUSTERS": 4, "RECLUSTER_EVERY": 2,
+                       "CLUSTER_WARMUP_EPOCHS": 0, "KNN_K": 10},
 }
 
 
@@ -283,7 +284,8 @@ def check_04(metrics: dict, output_dir: Path) -> None:
         for key in ("knn_acc", "pretext_acc", "key_identification"):
             assert _is_percent(metrics[f"{key}_{run}"]), f"{key}_{run} = {metrics[f'{key}_{run}']!r}"
         assert -1.0 <= metrics[f"key_consistency_{run}"] <= 1.0 + 1e-6
-        assert len(metrics[f"loss_{run}"]) == params["EPOCHS"] and all(_finite_number(v) for v in metrics[f"loss_{run}"])
+        losses = metrics[f"loss_{run}"]
+        assert len(losses) == params["EPOCHS"] and all(_finite_number(v) for v in losses)
         assert metrics[f"knn_acc_{run}"] == metrics[f"knn_curve_{run}"][-1]
         ages = metrics[f"consistency_by_age_{run}"]
         assert len(ages) == math.ceil(params["K"] / params["BATCH_SIZE"]), ages  # the probe covers the whole queue
@@ -323,7 +325,8 @@ def check_06(metrics: dict, output_dir: Path) -> None:
         assert all(_finite_number(v) for v in metrics[f"loss_{run}"])
     assert metrics["bn_group_size"] == params["BATCH_SIZE"] // metrics["bn_splits"]
     assert _is_percent(metrics["random_init_knn_acc"])
-    assert metrics["knn_epochs"][-1] == params["EPOCHS"] and len(metrics["knn_curve_shuffle"]) == len(metrics["knn_epochs"])
+    assert metrics["knn_epochs"][-1] == params["EPOCHS"]
+    assert len(metrics["knn_curve_shuffle"]) == len(metrics["knn_epochs"])
     assert metrics["num_train"] == params["NUM_TRAIN"] and metrics["num_test"] == params["NUM_TEST"]
     assert metrics["total_steps"] == params["EPOCHS"] * (params["NUM_TRAIN"] // params["BATCH_SIZE"])
     assert len(metrics["headline_effects"]) == 1 and isinstance(metrics["headline_effects"][0]["holds"], bool)

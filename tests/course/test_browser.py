@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOK = REPO / "notebooks" / "02_npair_and_infonce.ipynb"
 ARTIFACTS = Path(os.environ.get("MOCOLAB_BROWSER_ARTIFACTS", REPO / "runs" / "browser"))
@@ -65,8 +65,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
 # --------------------------------------------------------------------------- notebook to open
 def _ci_parameters(name: str) -> dict:
-    """The notebook's CI sizes from tests/test_notebooks.py (empty when absent)."""
-    path = REPO / "tests" / "test_notebooks.py"
+    """The notebook's CI sizes from tests/course/test_notebooks.py (empty when absent)."""
+    path = REPO / "tests" / "course" / "test_notebooks.py"
     if not path.exists():
         return {}
     spec = importlib.util.spec_from_file_location("_mocolab_nb_tests", path)
@@ -109,7 +109,7 @@ def prepare_notebook(root: Path) -> tuple[Path, int, str]:
             params["OUTPUT_DIR"] = str(root / "runs" / NOTEBOOK.stem)
             tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
             if tagged and tagged[0] < index:
-                src = "# Parameters injected by tests/test_browser.py (CI sizes)\n" + "\n".join(
+                src = "# Parameters injected by tests/course/test_browser.py (CI sizes)\n" + "\n".join(
                     f"{k} = {v!r}" for k, v in params.items()
                 )
                 cell = nbformat.v4.new_code_cell(src, id="injected-parameters")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
@@ -57,12 +57,12 @@ def test_setup_creates_missing_venv(tmp_path):
     assert f"python3 -m venv {tmp_path / 'new-venv'}" in plan
 
 
-def test_test_target_passes_pytest_args(tmp_path):
+def test_test_target_lints_then_passes_pytest_args(tmp_path):
     venv = _fake_venv(tmp_path)
     (venv / ".mocolab-setup.stamp").touch()
     os.utime(venv / ".mocolab-setup.stamp", None)
     plan = _make("-n", "test", f"VENV={venv}", "PYTEST_ARGS=-k smoke")
-    assert f"{venv}/bin/python -m pytest -k smoke" in plan
+    assert f"{venv}/bin/python -m ruff check . && {venv}/bin/python -m pytest -k smoke" in plan
 
 
 def test_default_target_prints_help():

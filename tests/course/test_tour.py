@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 
 # A 1x1 red PNG.
@@ -108,8 +108,8 @@ def test_log_line():
     assert tour.log_line(ok) == "ok     1 min 02 s  2/2 effects hold"
     bad = tour.NotebookResult(name="06", title="", ok=False, seconds=3.0, notes=["no parameter EPOCHS (set anyway)"],
                               error="cell 4 ('x = f()'): ValueError: T must be > 0\n\nTraceback ...")
-    assert tour.log_line(bad) == ("FAILED      3.0 s  no headline effects  cell 4 ('x = f()'): ValueError: T must be > 0"
-                                  "  (no parameter EPOCHS (set anyway))")
+    assert tour.log_line(bad) == ("FAILED      3.0 s  no headline effects  cell 4 ('x = f()'): "
+                                  "ValueError: T must be > 0  (no parameter EPOCHS (set anyway))")
 
 
 def _tiny_notebook(source_after: str):
@@ -160,7 +160,8 @@ def test_tour_log_is_one_clean_line_per_notebook(tmp_path, capfd):
     nb_dir.mkdir()
     nbformat.write(_tiny_notebook(
         "import json, pathlib\npathlib.Path(OUTPUT_DIR).mkdir(exist_ok=True)\n"
-        "json.dump({'bank_m': BANK_M}, open(pathlib.Path(OUTPUT_DIR) / 'metrics.json', 'w'))"), nb_dir / "99_tiny.ipynb")
+        "json.dump({'bank_m': BANK_M}, open(pathlib.Path(OUTPUT_DIR) / 'metrics.json', 'w'))"),
+        nb_dir / "99_tiny.ipynb")
     assert tour.main(["--notebook-dir", str(nb_dir), "--out", str(tmp_path / "out"), "-p", "BANK_M", "0.9"]) == 0
     out, err = capfd.readouterr()
     lines = out.strip().splitlines()

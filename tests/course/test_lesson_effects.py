@@ -14,7 +14,9 @@ about ±3.5 points):
 The smallest margin, 33 points, is about ten times the band, so a CPU of another make cannot flip them; the tests
 assert only "beyond the band".
 """
-from functools import lru_cache, partial
+from __future__ import annotations
+
+from functools import cache, partial
 
 import pytest
 import torch
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.slow
 NUM_TRAIN, NUM_TEST, EPOCHS, BATCH_SIZE = 2000, 1000, 20, 64
 
 
-@lru_cache(maxsize=None)
+@cache
 def _runs(seed: int) -> dict:
     """kNN accuracy of the random-init encoder and after training with m = 0 and m = 0.99 (notebook 04)."""
     x_train, y_train, _ = load_images("shapes", "train", limit=NUM_TRAIN, seed=seed)
@@ -40,7 +42,8 @@ def _runs(seed: int) -> dict:
         acc["init"] = evaluate_knn(model.encoder_q, *data)  # the same weights for both m
         config = TrainConfig(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=0.06, seed=seed, knn_every=0,
                              schedule="constant")
-        acc[m] = fit(model, x_train, BatchAugment(32), config, eval_data=data, device="cpu", verbose=False)["knn_acc"][-1]
+        hist = fit(model, x_train, BatchAugment(32), config, eval_data=data, device="cpu", verbose=False)
+        acc[m] = hist["knn_acc"][-1]
     return acc
 
 

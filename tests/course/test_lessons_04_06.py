@@ -4,6 +4,8 @@ A claim about training dynamics, so it is checked over several seeds, at a size 
 every seed tried (oldest-key cosine, 3 seeds: m = 0 0.82-0.91, m = 0.9 0.945-0.949,
 m = 0.99 0.980-0.998). The notebooks report the figures at their default sizes.
 """
+from __future__ import annotations
+
 from functools import partial
 
 import pytest
