@@ -431,8 +431,8 @@ for name, res in results.items():
 #   result here can be reproduced from a terminal or on several GPUs.
 # - At the default CPU size (a ConvNet, 5,000 *shapes* images, 624 steps) the
 #   recipe lifts the kNN accuracy far above the same encoder before training:
-#   at seeds 0, 1 and 2 from 23–24 % to 41.5, 51.3 and 37.2 % (+17.2, +27.0 and
-#   +14.3 points against a noise band of ±3.8; the verdict above is this run's).
+#   at seeds 0, 1 and 2 from 23–24 % to 33.6, 44.3 and 40.1 % (+9.3, +20.0 and
+#   +17.2 points against a noise band of ±3.8; the verdict above is this run's).
 # - The kNN monitor is the cheap signal to watch during pre-training; on
 #   CIFAR-10 with a ResNet-18 the official demo logged 32 → 48 → 73 → 83 % at
 #   epochs 1, 10, 50, 200 (`docs/published_figures.md`), the target for the
