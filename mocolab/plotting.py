@@ -40,6 +40,7 @@ __all__ = [
     "plot_temperature_softmax",
     "plot_ema_track",
     "plot_queue_staleness",
+    "save_figure",
 ]
 
 POS_COLOR = "tab:green"
@@ -48,6 +49,15 @@ REF_COLOR = "tab:gray"
 
 
 # --------------------------------------------------------------------------- helpers
+def save_figure(fig, path, axes=()):
+    """Grid the ``axes``, lay ``fig`` out tightly and save it to ``path`` (100 dpi); returns ``fig``."""
+    for ax in np.ravel(axes):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return fig
+
+
 def _to_numpy(x: Any, dtype=None) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()

@@ -72,6 +72,7 @@ from mocolab import (BatchAugment, ConvNet, Lesson, MoCo, alignment, collapse_st
 from mocolab.embedding import embed_2d
 from mocolab.gallery import plot_embedding, plot_neighbours
 from mocolab.metrics import nearest_and_hardest
+from mocolab.plotting import save_figure
 from mocolab.plotting import plot_similarity_histograms
 from mocolab.train import TrainConfig, fit
 
@@ -211,10 +212,7 @@ axes[2].set_ylabel("alignment")
 axes[2].set_title("the path through the plane (epoch labels)")
 for ax in axes[:2]:
     ax.set_xlabel("epoch")
-for ax in axes:
-    ax.grid(alpha=0.3)
-fig.tight_layout()
-fig.savefig(out / "alignment_uniformity.png", dpi=100, bbox_inches="tight")
+save_figure(fig, out / "alignment_uniformity.png", axes)
 print(f"alignment {align_hist[0]:.3f} → {align_hist[-1]:.3f} ({align_hist[-1] - align_hist[0]:+.3f}), "
       f"uniformity {unif_hist[0]:.3f} → {unif_hist[-1]:.3f} ({unif_hist[-1] - unif_hist[0]:+.3f})")
 
@@ -267,10 +265,7 @@ axes[1].plot(epochs, [snaps_nn[e]["uniformity"] for e in epochs], marker="s", la
 axes[1].set_xlabel("epoch")
 axes[1].set_title("uniformity")
 axes[1].legend(frameon=False, fontsize="small")
-for ax in axes:
-    ax.grid(alpha=0.3)
-fig.tight_layout()
-fig.savefig(out / "collapse.png", dpi=100, bbox_inches="tight")
+save_figure(fig, out / "collapse.png", axes)
 print(f"collapse_std: at init {collapse_moco[0]:.4f}; after {EPOCHS} epochs MoCo {collapse_moco[-1]:.4f}, "
       f"no negatives {collapse_nn[-1]:.4f} (1/√C = {1 / math.sqrt(DIM):.4f})")
 print(f"at initialisation the features spread {collapse_moco[0] * math.sqrt(DIM):.2f}× as much as 1/√C; "

@@ -262,3 +262,15 @@ def test_explorer_plots_do_not_touch_pyplot_or_rcparams():
     P.plot_queue_staleness(queue_staleness(100, 32))
     assert plt.get_fignums() == before
     assert dict(matplotlib.rcParams) == rc
+
+
+def test_save_figure_grids_lays_out_and_writes(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from mocolab.plotting import save_figure
+
+    fig, axes = plt.subplots(1, 2)
+    assert save_figure(fig, tmp_path / "f.png", axes) is fig
+    assert (tmp_path / "f.png").stat().st_size > 0
+    assert all(any(line.get_visible() for line in ax.get_xgridlines()) for ax in axes)
+    plt.close(fig)
