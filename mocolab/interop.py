@@ -170,15 +170,7 @@ def load_official_moco(model: nn.Module, source) -> nn.Module:
     if queue.dim() != 2 or tuple(queue.shape) != (dim, K):
         raise CheckpointError(f"{where} holds a queue of shape {tuple(queue.shape)} (dim C, K), this model's is "
                               f"({dim}, {K}); build MoCo with dim={queue.shape[0]}, K={queue.shape[-1]}")
-    device = model.queue.device
-    fill = {"queue_filled": torch.full((1,), K, dtype=torch.long),
-            "queue_index": torch.full((K,), -1, dtype=torch.long),
-            "queue_step": torch.full((K,), -1, dtype=torch.long),
-            "queue_count": torch.zeros(1, dtype=torch.long)}
-    own = model.state_dict()
-    for key, value in fill.items():
-        if key in own and key not in sd:
-            sd[key] = value.to(device)
+    # the queue's own load fills the buffers the official state dict lacks (KeyQueue._load_from_state_dict)
     sd["queue_ptr"] = sd["queue_ptr"].reshape(-1)[:1].to(torch.long) % K
     try:
         result = model.load_state_dict(sd, strict=False)
