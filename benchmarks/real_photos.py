@@ -77,7 +77,7 @@ def random_init_knn(subset: Path, seed: int) -> float:
     return evaluate_knn(model.encoder_q, *eval_data, k=cfg["knn_k"], t=cfg["knn_t"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[tuple]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="options after -- go to mocolab pretrain unchanged")
     parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "cifar10-small")
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--work", type=Path, default=None, help="where subsets and runs go (default: a temp dir)")
-    args, extra = parser.parse_known_args()
+    args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     if not (args.root / "train").is_dir() or not (args.root / "test").is_dir():
         raise SystemExit(f"{args.root} must hold train/ and test/ class folders (see --root)")
@@ -111,6 +111,7 @@ def main() -> None:
     if len(rows) > 1:
         mean = sum(r[3] for r in rows) / len(rows)
         print(f"\nmean after training: {mean:.1f} % over {len(rows)} subsets; options: {' '.join(extra) or 'none'}")
+    return rows
 
 
 if __name__ == "__main__":
