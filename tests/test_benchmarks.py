@@ -1,21 +1,19 @@
 """benchmarks/throughput.py and benchmarks/gpu_check.sh, run on the CPU at toy sizes."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _throughput():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/throughput.py")
 
 
 def test_throughput_reports_step_augmentation_knn_and_syncs_side_by_side(capsys):
@@ -44,10 +42,7 @@ def test_gpu_check_dry_run_passes_every_stage_on_the_cpu(tmp_path):
 
 
 def _real_photos():
-    spec = importlib.util.spec_from_file_location("real_photos", ROOT / "benchmarks" / "real_photos.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/real_photos.py")
 
 
 def _tiny_imagefolder(root: Path, per_class: dict[str, int]) -> Path:

@@ -3,7 +3,6 @@ and no function that feeds the library the wrong inputs passes."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -14,19 +13,13 @@ import torch.nn.functional as F
 import mocolab
 from mocolab import exercises
 from mocolab.exercises import EXERCISES, MISTAKES, check, run_check
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SOLUTIONS_PATH = REPO / "notebooks" / "solutions" / "solutions.py"
 
 
-def _load_solutions():
-    spec = importlib.util.spec_from_file_location("mocolab_reference_solutions", SOLUTIONS_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sol = _load_solutions()
+sol = load_script("notebooks/solutions/solutions.py", "mocolab_reference_solutions")
 
 
 @pytest.fixture(autouse=True)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -20,11 +20,7 @@ PNG = base64.b64decode(
 
 
 def _load_tour():
-    spec = importlib.util.spec_from_file_location("tour", REPO / "tools" / "tour.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/tour.py")
 
 
 tour = _load_tour()
