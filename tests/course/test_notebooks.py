@@ -102,8 +102,7 @@ def check_01(metrics: dict, output_dir: Path) -> None:
     params = CI_PARAMETERS["01_margin_contrastive_loss"]
     assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_TRAIN"], params["NUM_TEST"])
     _check_verdicts("01", metrics)
-    for name in ("loss_vs_distance", "pairs", "pair_distances", "margin_embedding", "margin_vs_infonce"):
-        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+    _check_figures(output_dir, ("loss_vs_distance", "pairs", "pair_distances", "margin_embedding", "margin_vs_infonce"))
 
 
 def check_02(metrics: dict, output_dir: Path) -> None:
@@ -118,8 +117,7 @@ def check_02(metrics: dict, output_dir: Path) -> None:
     assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_TRAIN"], params["NUM_TEST"])
     assert all(int(k) < metrics["num_train"] for k in metrics["negatives_sweep"])
     _check_verdicts("02", metrics)
-    for name in ("bound", "temperature_sweep", "negatives_sweep"):
-        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+    _check_figures(output_dir, ("bound", "temperature_sweep", "negatives_sweep"))
 
 
 def check_03(metrics: dict, output_dir: Path) -> None:
@@ -146,8 +144,7 @@ def check_03(metrics: dict, output_dir: Path) -> None:
         assert curve[-1] == metrics[f"{run}_knn_acc"], (run, curve)
     assert len(metrics["headline_effects"]) == 3
     _check_verdicts("03", metrics)
-    for name in ("memory", "staleness", "nce_vs_softmax", "bank_vs_moco"):
-        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+    _check_figures(output_dir, ("memory", "staleness", "nce_vs_softmax", "bank_vs_moco"))
 
 
 def check_00(metrics: dict, output_dir: Path) -> None:
@@ -161,8 +158,7 @@ def check_00(metrics: dict, output_dir: Path) -> None:
     assert _finite_number(metrics["augment_ms_per_256"]) and metrics["augment_ms_per_256"] > 0
     # raw pixels are a poor representation of shapes: at most a little above chance
     assert _is_percent(metrics["raw_pixel_knn_acc"]) and metrics["raw_pixel_knn_acc"] < 50
-    for name in ("dataset_grid", "augmented_views", "single_augmentations", "pixel_neighbours"):
-        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+    _check_figures(output_dir, ("dataset_grid", "augmented_views", "single_augmentations", "pixel_neighbours"))
 
 
 def check_10(metrics: dict, output_dir: Path) -> None:
@@ -186,8 +182,7 @@ def check_10(metrics: dict, output_dir: Path) -> None:
     assert metrics["num_train"] == 128 and metrics["num_test"] == 64
     assert len(metrics["headline_effects"]) == 3
     _check_verdicts("10", metrics)
-    for name in ("lab_views", "mochi_similarities", "knn_summary"):
-        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+    _check_figures(output_dir, ("lab_views", "mochi_similarities", "knn_summary"))
 
 
 def check_07(metrics: dict, output_dir: Path) -> None:
@@ -238,8 +233,7 @@ def check_08(metrics: dict, output_dir: Path) -> None:
     assert metrics["transfer_num_test"] == params["TRANSFER_NUM_TEST"]
     assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_IMAGES"], params["NUM_TEST"])
     assert len(metrics["headline_effects"]) == 3, metrics["headline_effects"]
-    for name in ("pretraining_curves", "knn_k_sweep", "label_efficiency", "transfer_domains"):
-        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+    _check_figures(output_dir, ("pretraining_curves", "knn_k_sweep", "label_efficiency", "transfer_domains"))
 
 
 def check_09(metrics: dict, output_dir: Path) -> None:
@@ -264,8 +258,13 @@ def check_09(metrics: dict, output_dir: Path) -> None:
     assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_IMAGES"], params["NUM_EVAL"])
     assert len(metrics["headline_effects"]) == 3, metrics["headline_effects"]
     assert metrics["embedding_method"] == "pca"
-    for name in ("similarity_histograms", "alignment_uniformity", "embedding_through_training", "collapse",
-                 "nearest_and_hardest"):
+    _check_figures(output_dir, ("similarity_histograms", "alignment_uniformity", "embedding_through_training",
+                                "collapse", "nearest_and_hardest"))
+
+
+def _check_figures(output_dir: Path, names) -> None:
+    """Each named figure was written, as NAME.png in the notebook's output folder, and is not empty."""
+    for name in names:
         assert (output_dir / f"{name}.png").stat().st_size > 0, name
 
 
@@ -294,8 +293,7 @@ def check_04(metrics: dict, output_dir: Path) -> None:
     assert metrics["chance_loss"] == math.log(params["K"] + 1)
     assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_TRAIN"], params["NUM_TEST"])
     _check_verdicts("04", metrics)
-    for name in ("curves_m0_vs_momentum", "step_loss", "consistency_by_age"):
-        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+    _check_figures(output_dir, ("curves_m0_vs_momentum", "step_loss", "consistency_by_age"))
 
 
 def check_05(metrics: dict, output_dir: Path) -> None:
@@ -312,8 +310,7 @@ def check_05(metrics: dict, output_dir: Path) -> None:
     assert sweep["0.999"]["key_consistency"] >= sweep["0"]["key_consistency"] - 1e-6
     assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_TRAIN"], params["NUM_TEST"])
     _check_verdicts("05", metrics)
-    for name in ("momentum_sweep", "consistency_by_age", "curves_per_m"):
-        assert (output_dir / f"{name}.png").stat().st_size > 0, name
+    _check_figures(output_dir, ("momentum_sweep", "consistency_by_age", "curves_per_m"))
 
 
 def check_06(metrics: dict, output_dir: Path) -> None:
@@ -330,7 +327,7 @@ def check_06(metrics: dict, output_dir: Path) -> None:
     assert metrics["num_train"] == params["NUM_TRAIN"] and metrics["num_test"] == params["NUM_TEST"]
     assert metrics["total_steps"] == params["EPOCHS"] * (params["NUM_TRAIN"] // params["BATCH_SIZE"])
     assert len(metrics["headline_effects"]) == 1 and isinstance(metrics["headline_effects"][0]["holds"], bool)
-    assert (output_dir / "shuffle_vs_no_shuffle.png").stat().st_size > 0
+    _check_figures(output_dir, ("shuffle_vs_no_shuffle",))
 
 
 #: Notebook name -> its checker (defined above).
