@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ..losses import infonce_logits, margin_contrastive_loss
-from .core import _call, _close, _diagnose, _error_text, _Failure, _fmt, _unit, _where
+from .core import _call, _close, _diagnose, _error_text, _Failure, _fmt, _labels_ok, _unit, _where
 
 
 # ======================================================================= 01 margin loss
@@ -56,7 +57,7 @@ def _check_margin_loss(fn) -> str:
                 ("distance_not_squared", ((1 - yf) * 0.5 * D + yf * 0.5 * (margin - D).clamp_min(0) ** 2).mean()),
                 ("margin_ignored", margin_contrastive_loss(x1, x2, y, margin=1.0) if margin != 1.0 else None),
             ]
-            mistake = _diagnose(got, variants)
+            mistake = _diagnose(got, variants, expected.detach())
             raise _Failure(case, mistake, inputs=inputs, expected=_fmt(expected), got=_fmt(got),
                            hint="" if mistake else "Write L = (1 − Y)·½·D² + Y·½·max(0, margin − D)² with "
                                                    "D = ‖x1 − x2‖ per pair, then average over the pairs.")
@@ -100,6 +101,26 @@ def _infonce_variants(q_raw, k_raw, queue, T, expected):
     ]
 
 
+def _cut_loss(qn, kn, queue, T, cut_pos: bool, cut_neg: bool):
+    """The InfoNCE loss of unit q and k with q detached in the positive logit (``cut_pos``) or the negatives."""
+    l_pos = ((qn.detach() if cut_pos else qn) * kn).sum(dim=1, keepdim=True)  # (N, 1)
+    l_neg = (qn.detach() if cut_neg else qn) @ queue  # (N, K)
+    return F.cross_entropy(torch.cat([l_pos, l_neg], dim=1) / T, torch.zeros(len(qn), dtype=torch.long))
+
+
+#: The gradient mistakes: which side of the logits the query is detached in, as (mistake, cut_pos, cut_neg).
+GRAD_MISTAKES = (("query_detached_in_negatives", False, True), ("query_detached_in_positive", True, False))
+
+
+def _query_grad_variants(q_raw, k, queue, T):
+    """∂L/∂q when q is detached in the negative logits, or in the positive one: (mistake, callable)."""
+    def grad(cut_pos: bool, cut_neg: bool):
+        q = q_raw.detach().clone().requires_grad_()
+        loss = _cut_loss(F.normalize(q, dim=1), F.normalize(k.detach(), dim=1), queue, T, cut_pos, cut_neg)
+        return torch.autograd.grad(loss, q)[0]
+    return [(name, partial(grad, pos, neg)) for name, pos, neg in GRAD_MISTAKES]
+
+
 def _check_infonce(fn) -> str:
     gen = torch.Generator().manual_seed(2)
     cases = [(4, 8, 16, 0.07), (1, 3, 5, 0.2), (6, 5, 1, 0.5), (3, 16, 32, 1.0), (5, 4, 7, 0.1), "chance"]
@@ -135,27 +156,30 @@ def _check_infonce(fn) -> str:
                            hint="One row per query, one column per candidate: the positive, then the K negatives "
                                 "(l_pos (N, 1) from q·k, l_neg (N, K) from q @ queue).")
         if not _close(logits, exp_logits):
-            mistake = _diagnose(logits, _infonce_variants(q_raw, k_raw, queue, T, exp_logits))
+            mistake = _diagnose(logits, _infonce_variants(q_raw, k_raw, queue, T, exp_logits), exp_logits)
             exp_text, got_text = _where(logits, exp_logits)
             raise _Failure(case, mistake, inputs=inputs, expected=f"logits {exp_text}", got=f"logits {got_text}",
                            hint="" if mistake else "logits = cat([q·k, q·queue], dim=1) / T with q and k "
                                                    "normalised along dim 1.")
-        if (not isinstance(labels, torch.Tensor) or labels.shape != (n,) or labels.dtype != torch.long
-                or bool((labels != 0).any())):
-            raise _Failure(case, "labels_not_zero", inputs=inputs, expected=_fmt(exp_labels), got=_fmt(labels))
+        _labels_ok(case, inputs, labels, n, exp_logits)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise _Failure(case, "not_a_tensor" if not isinstance(loss, torch.Tensor) else "wrong_return",
                            inputs=inputs, expected=f"loss {_fmt(exp_loss)}", got=f"loss {_fmt(loss)}")
         if not _close(loss.reshape(()), exp_loss):
-            mistake = _diagnose(loss.reshape(()), [("loss_not_mean", exp_loss * n if n > 1 else None)])
+            mistake = _diagnose(loss.reshape(()), [("loss_not_mean", exp_loss * n if n > 1 else None)], exp_loss)
             raise _Failure(case, mistake, inputs=inputs, expected=f"loss {_fmt(exp_loss)}", got=f"loss {_fmt(loss)}",
                            hint="" if mistake else "loss = F.cross_entropy(logits, labels).")
         if not loss.requires_grad:
             raise _Failure(case, "detached", inputs=inputs, got=f"loss {_fmt(loss)} with requires_grad = False")
         (grad,) = torch.autograd.grad(loss, q_in, allow_unused=True)
-        if grad is None or not _close(grad, q_o.grad):
-            raise _Failure(case, "detached", inputs=inputs, expected=f"∂L/∂q {_fmt(q_o.grad)}",
-                           got=f"∂L/∂q {_fmt(grad)}")
+        if grad is None:
+            raise _Failure(case, "detached", inputs=inputs, expected=f"∂L/∂q {_fmt(q_o.grad)}", got="no ∂L/∂q")
+        if not _close(grad, q_o.grad):
+            mistake = _diagnose(grad, _query_grad_variants(q_raw, k_raw, queue, T), q_o.grad)
+            exp_text, got_text = _where(grad, q_o.grad)
+            raise _Failure(case, mistake, inputs=inputs, expected=f"∂L/∂q {exp_text}", got=f"∂L/∂q {got_text}",
+                           hint="" if mistake else "The loss must reach q through l_pos and l_neg alike: no "
+                                                   ".detach() or torch.no_grad() on the query's side.")
     return ("logits, labels, loss and ∂L/∂q on 6 cases: N = 1 to 6, C = 3 to 16, K = 1 to 32, T = 0.07 to 1, "
             "unnormalised encoder outputs, and uninformative features (loss = ln(K + 1)).")
 
@@ -166,21 +190,32 @@ def _lib_chance_loss(K):
     return math.log(K + 1)
 
 
+def _chance_variants(K: int) -> list[tuple[str, float]]:
+    return [("chance_forgot_positive", math.log(K)), ("chance_log_base", math.log2(K + 1)),
+            ("chance_log_base", math.log10(K + 1)), ("chance_probability", 1 / (K + 1)),
+            ("chance_sign", -math.log(K + 1))]
+
+
 def _check_chance_loss(fn) -> str:
-    for K in (1, 16, 1024, 65536):
-        case = f"K = {K} negatives"
-        got = _call(fn, case, f"K = {K}", K)
-        expected = math.log(K + 1)
+    Ks = (1, 16, 1024, 65536)
+    values = []
+    for K in Ks:
+        got = _call(fn, f"K = {K} negatives", f"K = {K}", K)
         try:
-            value = float(got)
+            values.append(float(got))
         except (TypeError, ValueError):
-            raise _Failure(case, "wrong_return", inputs=f"K = {K}", expected=f"{expected:.6g}", got=_fmt(got)) from None
-        if not math.isclose(value, expected, rel_tol=1e-6):
-            variants = [("chance_forgot_positive", math.log(K)), ("chance_log_base", math.log2(K + 1)),
-                        ("chance_log_base", math.log10(K + 1)), ("chance_probability", 1 / (K + 1)),
-                        ("chance_sign", -expected)]
-            mistake = next((name for name, v in variants if math.isclose(value, v, rel_tol=1e-6, abs_tol=1e-12)), None)
-            raise _Failure(case, mistake, inputs=f"K = {K}", expected=f"{expected:.6g}", got=f"{value:.6g}",
-                           hint="" if mistake else "With no information every one of the K + 1 candidates gets "
-                                                   "probability 1 / (K + 1); the loss is −log of the positive's.")
+            raise _Failure(f"K = {K} negatives", "wrong_return", inputs=f"K = {K}",
+                           expected=f"a number, {math.log(K + 1):.6g}", got=_fmt(got)) from None
+    same = lambda a, b: math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)  # noqa: E731
+    wrong = [i for i, (K, v) in enumerate(zip(Ks, values)) if not same(v, math.log(K + 1))]
+    if wrong:  # a mistake is named only if it gives every answer, at every K: K = 1 alone cannot tell them apart
+        at_all = [all(same(v, _chance_variants(K)[j][1]) for K, v in zip(Ks, values))
+                  for j in range(len(_chance_variants(1)))]
+        names = {name for (name, _), hit in zip(_chance_variants(1), at_all) if hit}
+        mistake = names.pop() if len(names) == 1 else None
+        K, value = Ks[wrong[0]], values[wrong[0]]
+        raise _Failure(f"K = {K} negatives", mistake, inputs=f"K = {K}", expected=f"{math.log(K + 1):.6g}",
+                       got=f"{value:.6g}",
+                       hint="" if mistake else "With no information every one of the K + 1 candidates gets "
+                                               "probability 1 / (K + 1); the loss is −log of the positive's.")
     return "K = 1, 16, 1024 and 65536, against ln(K + 1)."

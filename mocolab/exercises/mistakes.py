@@ -16,13 +16,26 @@ MISTAKES: dict[str, str] = {
                       "F.normalize(x, dim=1), so that a dot product is a cosine similarity.",
     "normalised_wrong_dim": "The features are normalised along the batch (dim=0). Each row is one feature vector: "
                             "F.normalize(x, dim=1).",
-    "labels_not_zero": "The labels must all be 0, as a long tensor: torch.zeros(N, dtype=torch.long). The positive "
-                       "is column 0 of every row (arange(N) is the in-batch layout of notebook 01).",
+    "labels_not_zero": "The labels must all be 0: the positive is column 0 of every row, "
+                       "torch.zeros(N, dtype=torch.long) (arange(N) would be the layout of in-batch negatives).",
+    "labels_dtype": "The labels are zeros of the wrong dtype. F.cross_entropy takes class indices as a long (int64) "
+                    "tensor and refuses float, int32 or bool ones: torch.zeros(N, dtype=torch.long).",
     "loss_not_mean": "The loss is summed over the batch; average it (F.cross_entropy averages by default).",
     "key_not_detached": "A gradient reaches the key encoder: the key is not detached. Compute the keys under "
                         "torch.no_grad() (or .detach() them); the key encoder moves only by the momentum update.",
     "queries_without_grad": "No gradient reaches the query encoder. Compute q with gradients (not under "
                             "torch.no_grad(), not detached); only the keys are detached.",
+    "query_detached_in_negatives": "The logits are right but their gradient is not: q is detached (or under "
+                                   "torch.no_grad()) in the negative logits, so the loss never pushes q away from "
+                                   "the queue. Use the same q, with its gradient, in l_pos and in l_neg.",
+    "query_detached_in_positive": "The logits are right but their gradient is not: q is detached (or under "
+                                  "torch.no_grad()) in the positive logit, so the loss never pulls q towards its key. "
+                                  "Use the same q, with its gradient, in l_pos and in l_neg.",
+    "key_encoder_eval": "The keys come from the key encoder in eval mode, so its BatchNorm used running statistics. "
+                        "MoCo runs encoder_k in train mode, as it finds it (BN statistics of the batch it sees; that "
+                        "is what the shuffle is about): do not call encoder_k.eval().",
+    "mode_changed": "The function switched an encoder between train and eval mode and left it so: its BatchNorm "
+                    "then behaves differently from the next step on. Leave .train()/.eval() to the caller.",
     "keys_before_momentum": "The keys were computed before the momentum update. MoCo first updates the key encoder, "
                             "then computes the keys with it.",
     "keys_from_query_encoder": "The keys come from the query encoder; they must come from the key encoder, encoder_k.",
@@ -73,6 +86,8 @@ MISTAKES: dict[str, str] = {
                                    "keys that fit go to the end, the rest to columns 0, 1, …, so that the oldest keys "
                                    "are overwritten first (the official code sidesteps this by requiring K % N == 0).",
     "queue_ignores_pointer": "The keys are written from column 0 every time: start at column ptr.",
+    "pointer_not_int": "The new pointer is a column index: return an int (or an integer tensor), (ptr + N) % K. A "
+                       "float cannot index the queue at the next call.",
     "keys_as_rows": "The queue holds keys as columns, (C, K), while keys is (N, C): write keys.T, "
                     "queue[:, cols] = keys.T.",
     "keys_reversed": "The keys are written in reverse order: key i goes to column (ptr + i) % K.",
@@ -81,8 +96,12 @@ MISTAKES: dict[str, str] = {
                          "key encoder keeps most of its own weights: θk ← m·θk + (1 − m)·θq.",
     "query_updated": "The query encoder was changed (θq ← …). Only the key encoder moves, θk ← m·θk + (1 − m)·θq; "
                      "θq is changed by the optimizer alone.",
-    "not_in_place": "A new tensor was allocated per parameter where an in-place update was asked (p.data = … or a "
-                    "new nn.Parameter). Update the existing tensors: p_k.mul_(m).add_(p_q, alpha=1 - m).",
+    "parameters_replaced": "The key encoder's Parameter objects were replaced by new ones (a new nn.Parameter, "
+                           "setattr, or a new module). Whatever holds the old ones (an optimizer, DDP, hooks, a tensor "
+                           "list gathered for a fused update) keeps updating stale tensors, and a new nn.Parameter "
+                           "requires grad again. Update the existing parameters: p_k.mul_(m).add_(p_q, alpha=1 - m).",
+    "shares_storage": "encoder_k's parameters now share memory with encoder_q's (p_k.data = p_q.data, or "
+                      "p_k.set_(p_q)): every optimizer step on θq then moves θk too. Copy the values: p_k.copy_(p_q).",
     "momentum_not_no_grad": "The momentum update is recorded by autograd. Run it under torch.no_grad(): the key "
                             "encoder gets no gradient history.",
     "momentum_buffers": "BatchNorm's running statistics were averaged too. MoCo's update covers the parameters only "

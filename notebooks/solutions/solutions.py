@@ -63,7 +63,11 @@ def enqueue(queue, ptr, keys):
 # 05 · the momentum update, in place -------------------------------------------------------
 @torch.no_grad()
 def momentum_update(encoder_k, encoder_q, m):
-    """θk ← m·θk + (1 − m)·θq on the existing tensors (parameters only, as in MoCo)."""
+    """θk ← m·θk + (1 − m)·θq on the existing tensors (parameters only, as in MoCo).
+
+    The official code writes ``param_k.data = param_k.data * m + param_q.data * (1. - m)``: also correct, and
+    accepted, but it allocates a new tensor per parameter at every step.
+    """
     for p_k, p_q in zip(encoder_k.parameters(), encoder_q.parameters()):
         p_k.mul_(m).add_(p_q, alpha=1 - m)
 
