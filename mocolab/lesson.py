@@ -28,12 +28,13 @@ __all__ = ["Lesson", "Effect", "EFFECTS", "judge_effects", "check_parameters"]
 class Effect:
     """One headline claim of a notebook, checked on its metrics.
 
-    ``check(metrics)`` returns ``(holds, detail)``; ``detail`` reads like
-    ``"57.1 % vs 21.7 % (+35.4, band ±3.7)"``.
+    ``check(metrics)`` returns ``(holds, detail, values)``: ``detail`` is one sentence that names the two
+    quantities, their units and the margin the claim needs, e.g. ``"MoCo kNN 54.6 % vs random init 21.1 %:
+    +33.5 points, beyond the noise band of ±4.4 points"``; ``values`` holds the same numbers by name.
     """
 
     claim: str
-    check: Callable[[dict], tuple[bool, str]]
+    check: Callable[[dict], tuple[bool, str, dict]]
 
 
 def _get(metrics: dict, key):
@@ -46,47 +47,109 @@ def _get(metrics: dict, key):
     return metrics[key]
 
 
-def beats(a, b, claim: str) -> Effect:
-    """Accuracy ``a`` is above accuracy ``b`` by more than two standard errors of their difference."""
+def _signed(value: float, spec: str) -> str:
+    """``+3.5`` or ``−3.5`` (a true minus sign)."""
+    return format(value, "+" + spec).replace("-", "−")
+
+
+def _amount(value: float, unit: str) -> str:
+    """A measured value with its unit: ``54.6 %`` (accuracies), ``2.56 MB`` (bytes), ``0.82``, ``5,000``."""
+    if unit == "%":
+        return f"{value:.1f} %"
+    if unit == "bytes":
+        return f"{value / 1e6:.3g} MB"
+    text = f"{int(value):,}" if float(value).is_integer() else f"{value:.3g}"
+    return f"{text} {unit}" if unit else text
+
+
+def _change(value: float, unit: str, signed: bool = True) -> str:
+    """A difference with its unit: ``+33.5 points`` (of accuracy), ``+2.04 MB``, ``+0.52``."""
+    spec, suffix = ".3g", f" {unit}" if unit else ""
+    if unit == "%":
+        spec, suffix = ".1f", " points"
+    elif unit == "bytes":
+        value, suffix = value / 1e6, " MB"
+    return (_signed(value, spec) if signed else format(value, spec)) + suffix
+
+
+def _against_band(left: str, right: str, diff: float, band: float) -> tuple[bool, str]:
+    """``"<left> vs <right>: +33.5 points, beyond the noise band of ±4.4 points"``; holds when diff > band."""
+    where = "beyond" if diff > band else "inside" if diff >= -band else "the other way, beyond"
+    return diff > band, f"{left} vs {right}: {_change(diff, '%')}, {where} the noise band of ±{band:.1f} points"
+
+
+def beats(a, b, claim: str, *, names: tuple[str, str]) -> Effect:
+    """Accuracy ``a`` (%) is above accuracy ``b`` by more than two standard errors of their difference.
+
+    ``names`` are the two accuracies as the verdict names them, e.g. ``("MoCo kNN", "random init")``.
+    """
 
     def check(m):
         va, vb = float(_get(m, a)), float(_get(m, b))
         band = accuracy_noise(vb, int(m["num_test"]))
-        return va - vb > band, f"{va:.1f} % vs {vb:.1f} % ({va - vb:+.1f} points, band ±{band:.1f})"
+        holds, detail = _against_band(f"{names[0]} {va:.1f} %", f"{names[1]} {vb:.1f} %", va - vb, band)
+        return holds, detail, {names[0]: va, names[1]: vb, "noise band": band}
 
     return Effect(claim, check)
 
 
-def at_least(a, b=None, *, scale: float = 1.0, offset: float = 0.0, claim: str, strict: bool = False) -> Effect:
-    """``a >= scale * b + offset`` (``b`` a key, or None for the constant ``offset``); ``>`` if strict."""
+def _margin_words(holds: bool, strict: bool, need: float, unit: str) -> str:
+    """How a difference stands against the margin a claim needs: ``"at least the 5.0 points required"``."""
+    if need:
+        needed = f"the {_change(need, unit, signed=False)} required"
+        return f"{'more than' if strict else 'at least'} {needed}" if holds else f"short of {needed}"
+    if strict:
+        return "above zero, as required" if holds else "not above zero, which is required"
+    return "zero or above, as required" if holds else "below zero, which is not allowed"
+
+
+def at_least(a, b=None, *, offset: float = 0.0, claim: str, strict: bool = False, names: tuple[str, ...],
+             unit: str = "") -> Effect:
+    """``a >= b + offset`` (``b`` a key, or None for the constant ``offset``); ``>`` if strict.
+
+    ``names`` name ``a`` (and ``b``); ``unit`` is ``"%"`` (accuracies, differences in points), ``"bytes"``,
+    ``""`` or a word.
+    """
 
     def check(m):
         va = float(_get(m, a))
-        target = (scale * float(_get(m, b)) if b is not None else 0.0) + offset
-        holds = va > target if strict else va >= target
-        ref = f" (b = {float(_get(m, b)):.4g})" if b is not None else ""
-        return holds, f"{va:.4g} {'>' if strict else '≥'} {target:.4g}{ref}"
+        vb = float(_get(m, b)) if b is not None else 0.0
+        holds = va > vb + offset if strict else va >= vb + offset
+        if b is None:
+            verdict = ("more than" if strict else "at least") if holds else ("not more than" if strict else "below")
+            return holds, f"{names[0]} {_amount(va, unit)}, {verdict} the {_amount(offset, unit)} required", \
+                {names[0]: va, "required": offset}
+        sides = f"{names[0]} {_amount(va, unit)} vs {names[1]} {_amount(vb, unit)}"
+        detail = f"{sides}: {_change(va - vb, unit)}, {_margin_words(holds, strict, offset, unit)}"
+        return holds, detail, {names[0]: va, names[1]: vb, "required difference": offset}
 
     return Effect(claim, check)
 
 
-def at_most(a, b, *, scale: float = 1.0, claim: str) -> Effect:
-    """``a <= scale * b``."""
+def at_most(a, b, *, scale: float = 1.0, claim: str, names: tuple[str, str], unit: str = "") -> Effect:
+    """``a <= scale * b``; the verdict gives ``a`` as a multiple of ``b``."""
 
     def check(m):
         va, vb = float(_get(m, a)), float(_get(m, b))
-        return va <= scale * vb, f"{va:.4g} ≤ {scale:g} × {vb:.4g} = {scale * vb:.4g}"
+        holds = va <= scale * vb
+        ratio = va / vb if vb else math.inf
+        detail = (f"{names[0]} {_amount(va, unit)} vs {names[1]} {_amount(vb, unit)}: {ratio:.2g} times as much, "
+                  f"{'within' if holds else 'above'} the {scale:g} times allowed")
+        return holds, detail, {names[0]: va, names[1]: vb, "allowed ratio": scale}
 
     return Effect(claim, check)
 
 
-def within(a, b, *, rel: float, claim: str) -> Effect:
+def within(a, b, *, rel: float, claim: str, names: tuple[str, str], unit: str = "") -> Effect:
     """``|a − b| <= rel·|b|``."""
 
     def check(m):
         va, vb = float(_get(m, a)), float(_get(m, b))
-        detail = f"{va:.4g} vs {vb:.4g} ({100 * (va - vb) / vb:+.1f} %, allowed ±{100 * rel:g} %)"
-        return abs(va - vb) <= rel * abs(vb), detail
+        holds = abs(va - vb) <= rel * abs(vb)
+        off = 100 * (va - vb) / vb if vb else math.inf
+        detail = (f"{names[0]} {_amount(va, unit)} vs {names[1]} {_amount(vb, unit)}: {_signed(off, '.1f')} %, "
+                  f"{'inside' if holds else 'outside'} the ±{100 * rel:g} % allowed")
+        return holds, detail, {names[0]: va, names[1]: vb, "allowed relative difference": rel}
 
     return Effect(claim, check)
 
@@ -95,90 +158,116 @@ def _sorted_sweep(sweep: dict) -> list[tuple[float, float]]:
     return sorted((float(k), float(v)) for k, v in sweep.items())
 
 
-def best_inside(key: str, claim: str) -> Effect:
-    """The best value of a sweep ``{x: accuracy}`` lies strictly inside the swept range."""
+def best_inside(key: str, claim: str, *, x: str) -> Effect:
+    """The best value of a sweep ``{x: accuracy}`` lies strictly inside the swept range (``x`` names it)."""
 
     def check(m):
         pts = _sorted_sweep(m[key])
         best = max(range(len(pts)), key=lambda i: pts[i][1])
-        return 0 < best < len(pts) - 1, f"best at {pts[best][0]:g} ({pts[best][1]:.1f} %) of {[p[0] for p in pts]}"
+        holds = 0 < best < len(pts) - 1
+        swept = ", ".join(f"{p[0]:g}" for p in pts)
+        detail = (f"kNN best at {x} = {pts[best][0]:g} ({pts[best][1]:.1f} %) of {x} = {swept}: "
+                  f"{'inside' if holds else 'at an end of'} the swept range")
+        return holds, detail, {f"best {x}": pts[best][0], "best kNN": pts[best][1]}
 
     return Effect(claim, check)
 
 
-def largest_beats_smallest(key: str, claim: str) -> Effect:
-    """In a sweep ``{x: accuracy}``, the largest x beats the smallest beyond the band."""
+def largest_beats_smallest(key: str, claim: str, *, x: str) -> Effect:
+    """In a sweep ``{x: accuracy}``, the largest x beats the smallest beyond the band (``x`` names it)."""
 
     def check(m):
         pts = _sorted_sweep(m[key])
         (x0, v0), (x1, v1) = pts[0], pts[-1]
         band = accuracy_noise(v0, int(m["num_test"]))
-        return v1 - v0 > band, f"{x1:g}: {v1:.1f} % vs {x0:g}: {v0:.1f} % ({v1 - v0:+.1f} points, band ±{band:.1f})"
+        holds, detail = _against_band(f"kNN {v1:.1f} % at {x} = {x1:g}", f"{v0:.1f} % at {x} = {x0:g}", v1 - v0, band)
+        return holds, detail, {f"kNN at {x} = {x1:g}": v1, f"kNN at {x} = {x0:g}": v0, "noise band": band}
 
     return Effect(claim, check)
 
 
-def keys_below(key: str, limit: str, claim: str) -> Effect:
-    """Every swept value of ``metrics[key]`` is below ``metrics[limit]``."""
+def keys_below(key: str, limit: str, claim: str, *, x: str, limit_name: str) -> Effect:
+    """Every swept value of ``metrics[key]`` is below ``metrics[limit]`` (``x`` and ``limit_name`` name them)."""
 
     def check(m):
-        top = max(float(k) for k in m[key])
-        return top < float(m[limit]), f"largest {top:g} < {limit} {m[limit]}"
+        top, bound = max(float(k) for k in m[key]), float(m[limit])
+        holds = top < bound
+        detail = f"largest {x} = {top:g}, {'below' if holds else 'not below'} the {_amount(bound, '')} {limit_name}"
+        return holds, detail, {f"largest {x}": top, limit_name: bound}
 
     return Effect(claim, check)
 
 
 #: The headline effects of each notebook, keyed by its two-digit number.
 EFFECTS: dict[str, tuple[Effect, ...]] = {
-    "01": (beats("infonce_knn_acc", "margin_knn_acc", "InfoNCE beats the margin loss (kNN)"),),
+    "01": (beats("infonce_knn_acc", "margin_knn_acc", "InfoNCE beats the margin loss (kNN)",
+                 names=("InfoNCE kNN", "margin-loss kNN")),),
     "02": (
-        within("init_loss", "ln_k_plus_1", rel=0.05, claim="the loss starts at ln(K+1)"),
-        best_inside("temperature_sweep", "the best temperature lies inside the swept range"),
-        largest_beats_smallest("negatives_sweep", "the largest K beats the smallest (kNN)"),
-        keys_below("negatives_sweep", "num_train", "every K is below the number of training images"),
+        within("init_loss", "ln_k_plus_1", rel=0.05, claim="the loss starts at ln(K+1)",
+               names=("loss at init", "ln(K+1)")),
+        best_inside("temperature_sweep", "the best temperature lies inside the swept range", x="T"),
+        largest_beats_smallest("negatives_sweep", "the largest K beats the smallest (kNN)", x="K"),
+        keys_below("negatives_sweep", "num_train", "every K is below the number of training images", x="K",
+                   limit_name="training images"),
     ),
     "03": (
-        beats("softmax_knn_acc", "random_init_knn_acc", "the memory bank learns (softmax vs random init)"),
-        beats("moco_knn_acc", "softmax_knn_acc", "MoCo beats the bank at the same budget (kNN)"),
-        at_least("bank_bytes", "queue_bytes", strict=True, claim="the bank takes more memory than the queue"),
+        beats("softmax_knn_acc", "random_init_knn_acc", "the memory bank learns (softmax vs random init)",
+              names=("memory-bank kNN", "random init")),
+        beats("moco_knn_acc", "softmax_knn_acc", "MoCo beats the bank at the same budget (kNN)",
+              names=("MoCo kNN", "memory bank")),
+        at_least("bank_bytes", "queue_bytes", strict=True, claim="the bank takes more memory than the queue",
+                 names=("memory bank", "queue"), unit="bytes"),
     ),
     "04": (
-        beats("knn_acc_m099", "knn_acc_m0", "m = 0.99 beats m = 0 (kNN)"),
+        beats("knn_acc_m099", "knn_acc_m0", "m = 0.99 beats m = 0 (kNN)", names=("kNN at m = 0.99", "at m = 0")),
         at_least("key_identification_m099", "key_identification_m0", strict=True,
-                 claim="m = 0.99 identifies its keys better than m = 0"),
+                 claim="m = 0.99 identifies its keys better than m = 0",
+                 names=("keys identified at m = 0.99", "at m = 0"), unit="%"),
     ),
     "05": (
-        at_least("total_steps", offset=300, claim="at least three time constants of m = 0.99 (300 steps)"),
-        beats(("momentum_sweep", "0.99", "knn_acc"), ("momentum_sweep", "0", "knn_acc"), "m = 0.99 beats m = 0 (kNN)"),
+        at_least("total_steps", offset=300, claim="at least three time constants of m = 0.99 (300 steps)",
+                 names=("training steps",)),
+        beats(("momentum_sweep", "0.99", "knn_acc"), ("momentum_sweep", "0", "knn_acc"), "m = 0.99 beats m = 0 (kNN)",
+              names=("kNN at m = 0.99", "at m = 0")),
     ),
     "06": (
         at_least("pretext_acc_no_shuffle", "pretext_acc_shuffle", offset=5.0,
-                 claim="without the shuffle the pretext task is cheated (≥ 5 points)"),
+                 claim="without the shuffle the pretext task is cheated (≥ 5 points)",
+                 names=("pretext accuracy without the shuffle", "with it"), unit="%"),
     ),
-    "07": (beats("knn_acc", "random_init_knn_acc", "MoCo beats its random init (kNN)"),),
+    "07": (beats("knn_acc", "random_init_knn_acc", "MoCo beats its random init (kNN)",
+                 names=("MoCo kNN", "random init")),),
     "08": (
-        beats("knn_acc", "random_init_knn_acc", "MoCo beats random init (kNN)"),
-        beats("linear_acc", "random_init_linear_acc", "MoCo beats random init (linear probe)"),
+        beats("knn_acc", "random_init_knn_acc", "MoCo beats random init (kNN)", names=("MoCo kNN", "random init")),
+        beats("linear_acc", "random_init_linear_acc", "MoCo beats random init (linear probe)",
+              names=("MoCo linear probe", "random init")),
         beats("transfer_knn_acc", "transfer_random_init_knn_acc",
-              "after transfer to a second domain, MoCo beats random init (kNN)"),
+              "after transfer to a second domain, MoCo beats random init (kNN)",
+              names=("MoCo kNN after transfer", "random init")),
     ),
     "09": (
-        at_least("pos_sim_mean", "neg_sim_mean", offset=0.2, claim="positives are ≥ 0.2 more similar than negatives"),
+        at_least("pos_sim_mean", "neg_sim_mean", offset=0.2, claim="positives are ≥ 0.2 more similar than negatives",
+                 names=("mean positive cosine", "mean negative cosine")),
         at_most("collapse_std_no_negatives", "collapse_std", scale=0.5,
-                claim="without negatives the features never spread (std below half of MoCo's)"),
-        beats("knn_acc", "knn_acc_no_negatives", "negatives matter (kNN)"),
+                claim="without negatives the features never spread (std below half of MoCo's)",
+                names=("feature std without negatives", "with them")),
+        beats("knn_acc", "knn_acc_no_negatives", "negatives matter (kNN)",
+              names=("kNN with negatives", "without")),
     ),
     "10": (
-        beats("cmc_knn_acc", "cmc_random_init_knn_acc", "CMC beats its random init (kNN)"),
+        beats("cmc_knn_acc", "cmc_random_init_knn_acc", "CMC beats its random init (kNN)",
+              names=("CMC kNN", "its random init")),
         at_most("false_negative_rate_after", "false_negative_rate_before", scale=0.75,
-                claim="clustering removes a quarter of the false negatives"),
-        beats("crd_student_knn_acc", "student_random_init_knn_acc", "the CRD student beats its random init (kNN)"),
+                claim="clustering removes a quarter of the false negatives",
+                names=("false-negative rate after clustering", "before")),
+        beats("crd_student_knn_acc", "student_random_init_knn_acc", "the CRD student beats its random init (kNN)",
+              names=("CRD student kNN", "its random init")),
     ),
 }
 
 
 def judge_effects(name: str, metrics: dict) -> list[dict]:
-    """The verdicts on notebook ``name``'s headline effects: a list of ``{claim, holds, detail}``.
+    """The verdicts on notebook ``name``'s headline effects: a list of ``{claim, holds, detail, values}``.
 
     ``name`` is the notebook's name or number ("05_momentum_encoder" or "05"). A key missing from
     ``metrics`` gives ``holds = False`` with the missing key as detail.
@@ -186,10 +275,11 @@ def judge_effects(name: str, metrics: dict) -> list[dict]:
     out = []
     for effect in EFFECTS.get(str(name)[:2], ()):
         try:
-            holds, detail = effect.check(metrics)
+            holds, detail, values = effect.check(metrics)
         except (KeyError, TypeError, ValueError) as err:
-            holds, detail = False, f"not measured ({err!r})"
-        out.append({"claim": effect.claim, "holds": bool(holds), "detail": detail})
+            holds, detail, values = False, f"not measured ({err!r})", {}
+        values = {k: round(float(v), 4) for k, v in values.items()}
+        out.append({"claim": effect.claim, "holds": bool(holds), "detail": detail, "values": values})
     return out
 
 

@@ -34,6 +34,9 @@ Usage::
     python tools/tour.py                      # everything (make tour)
     python tools/tour.py --only 00_setup_and_data --only 05_momentum_encoder
     python tools/tour.py -p DEVICE cuda -p DATASET cifar10
+    python tools/tour.py --readme             # also record it in docs/tour_results.json and
+                                              # write README.md's notebook table from it
+    python tools/tour.py --readme-from docs/tour_results.json   # the table again, no notebook run
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class NotebookResult:
     figures: list[str] = field(default_factory=list)
     html: str | None = None
     error: str | None = None
-    effects: list[dict] = field(default_factory=list)  # {claim, holds, detail} per headline effect
+    effects: list[dict] = field(default_factory=list)  # {claim, holds, detail, values} per headline effect
     notes: list[str] = field(default_factory=list)  # e.g. an override the notebook has no parameter for
 
     @property
@@ -186,6 +189,12 @@ def describe_error(exc, nb) -> str:
     return _ANSI.sub("", f"{where}{ename}: {evalue}\n\n{tb}".strip())
 
 
+def _repo_on_path() -> None:
+    """Make ``import mocolab`` find this repository's package when the tour runs as a script."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
 def headline_effects(name: str, metrics: dict) -> list[dict]:
     """The verdicts on the notebook's headline effects: those stored in ``metrics``, else judged now.
 
@@ -197,8 +206,7 @@ def headline_effects(name: str, metrics: dict) -> list[dict]:
         return [e for e in stored if isinstance(e, dict) and "claim" in e]
     if not metrics:
         return []
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+    _repo_on_path()
     from mocolab.lesson import judge_effects
 
     return judge_effects(name, metrics)
@@ -349,10 +357,15 @@ pre.error { white-space: pre-wrap; background: #fff; border: 1px solid #f1c0c0; 
 """
 
 
-def _fmt_seconds(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+def _fmt_seconds(seconds: float, whole: bool = False) -> str:
+    """``"42.3 s"`` (``"42 s"`` if ``whole``) under a minute, else ``"1 min 05 s"``.
+
+    The seconds are rounded before they are split into minutes, so 119.6 s is "2 min 00 s", never "1 min 60 s".
+    """
+    if round(seconds, 0 if whole else 1) < 60:
+        return f"{seconds:.0f} s" if whole else f"{seconds:.1f} s"
+    total = round(seconds)
+    return f"{total // 60} min {total % 60:02d} s"
 
 
 def effects_summary(result: NotebookResult) -> str:
@@ -456,6 +469,252 @@ def write_index(results: list[NotebookResult], out_root: Path) -> Path:
 
 
 # --------------------------------------------------------------------------
+# The recorded tour and the README's notebook table
+# --------------------------------------------------------------------------
+
+README = REPO / "README.md"
+RESULTS = REPO / "docs" / "tour_results.json"
+TABLE_START, TABLE_END = "<!-- tour-table:start -->", "<!-- tour-table:end -->"
+
+#: The README row of each notebook: (lesson, exercise, what the run measured). The last is a template whose
+#: placeholders read the recorded run (see :func:`render_measured`); its words hold whatever the numbers are.
+README_ROWS: dict[str, tuple[str, str, str]] = {
+    "00_setup_and_data": (
+        "setup and data", "",
+        "the device, the bundled shapes, two augmented views of one image; raw pixels reach {raw_pixel_knn_acc} % kNN "
+        "(chance {chance_acc:.0f} %)"),
+    "01_margin_contrastive_loss": (
+        "margin contrastive loss", "✎ the margin loss, batched",
+        "two runs that differ only in the loss: InfoNCE {infonce_knn_acc} % kNN vs the margin loss {margin_knn_acc} % "
+        "({cmp(infonce_knn_acc, margin_knn_acc)})"),
+    "02_npair_and_infonce": (
+        "N-pair and InfoNCE", "✎ InfoNCE logits and loss; the chance loss; predict-then-slide: T for half the mass",
+        "the loss starts at {init_loss:.2f} vs ln(K+1) = {ln_k_plus_1:.2f}; kNN at T = {keys(temperature_sweep)}: "
+        "{values(temperature_sweep)} %; at K = {keys(negatives_sweep)}: {values(negatives_sweep)} %; the hardest of "
+        "the K negatives shares the query's class {values(hardest_negative_same_class):.0f} % of the time"),
+    "03_memory_bank": (
+        "memory bank (instance discrimination)", "✎ the memory-bank update",
+        "the bank (softmax) {softmax_knn_acc} % kNN vs random init {random_init_knn_acc} % "
+        "({cmp(softmax_knn_acc, random_init_knn_acc)}); NCE {nce_knn_acc} %; MoCo at the same budget {moco_knn_acc} % "
+        "(against the bank: {cmp(moco_knn_acc, softmax_knn_acc)}); the bank's O(N) memory: {bank_bytes:MB} vs the "
+        "queue's {queue_bytes:MB}"),
+    "04_queue_without_momentum": (
+        "a queue without a momentum encoder", "✎ enqueue on a ring buffer",
+        "m = {m_slow:g}: {knn_acc_m099} % kNN vs m = 0: {knn_acc_m0} % ({cmp(knn_acc_m099, knn_acc_m0)}); recomputed "
+        "keys find their own stored key {key_identification_m099} % vs {key_identification_m0} % of the time"),
+    "05_momentum_encoder": (
+        "the momentum encoder", "✎ the momentum update, in place",
+        "{total_steps} steps ({time_constants_m099:.1f} time constants of m = 0.99); kNN for m = "
+        "{keys(momentum_sweep)}: {values(momentum_sweep, knn_acc)} % (band {band(momentum_sweep/0/knn_acc)}); key "
+        "identification {values(momentum_sweep, key_identification):.0f} %"),
+    "06_shuffle_bn": (
+        "shuffle BN", "✎ batch shuffle and unshuffle of the keys",
+        "pretext accuracy without the key shuffle {pretext_acc_no_shuffle} % vs {pretext_acc_shuffle} % with it; "
+        "kNN, measured beside it: {knn_acc_no_shuffle} % without vs {knn_acc_shuffle} % with the shuffle "
+        "({cmp(knn_acc_no_shuffle, knn_acc_shuffle)}); the paper's kNN cost is measured at scale (the notebook "
+        "gives the command)"),
+    "07_moco_full": (
+        "MoCo at full size", "✎ the whole MoCo step",
+        "the CIFAR-10 recipe at CPU size ({config/arch}, {num_train:,} {config/data} images, {total_steps:,} steps, "
+        "K {config/K}): {knn_acc} % kNN vs {random_init_knn_acc} % at random init "
+        "({cmp(knn_acc, random_init_knn_acc)}); the GPU switch (ResNet-18, K 4096, 200 epochs), checkpoints, "
+        "multi-GPU launch"),
+    "08_evaluating_representations": (
+        "evaluating representations", "",
+        "MoCo vs random init: kNN {knn_acc} vs {random_init_knn_acc} %, linear probe {linear_acc} vs "
+        "{random_init_linear_acc} %, transfer to `{transfer_dataset}` {transfer_knn_acc} vs "
+        "{transfer_random_init_knn_acc} % kNN; supervised {supervised_knn_acc} % kNN"),
+    "09_looking_inside": (
+        "looking inside", "",
+        "positive / negative cosine {pos_sim_mean:.2f} / {neg_sim_mean:.2f}; with negatives vs without: feature std "
+        "{collapse_std:.3f} vs {collapse_std_no_negatives:.3f}, kNN {knn_acc} vs {knn_acc_no_negatives} % "
+        "({cmp(knn_acc, knn_acc_no_negatives)}); a 2-D map of the embeddings ({embedding_method})"),
+    "10_beyond_moco": (
+        "beyond MoCo", "",
+        "CMC on `{cmc_dataset}` {cmc_knn_acc} % vs its init {cmc_random_init_knn_acc} %; CRD student "
+        "{crd_student_knn_acc} % vs its init {student_random_init_knn_acc} %; against MoCo's {moco_knn_acc} %: MoCHi "
+        "{mochi_knn_acc} %, debiased {debiased_knn_acc} %, clustering-aware {cluster_knn_acc} %, whose clusters take "
+        "the false-negative rate from {false_negative_rate_before:.3f} to {false_negative_rate_after:.3f}"),
+}
+
+_PLACEHOLDER = re.compile(r"\{(?:(\w+)\(([^(){}]*)\)|([^(){}:]+))(?::([^{}]*))?\}")
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> dict:
+    """The scalars of ``metrics``, nested dicts flattened to ``"parent/child"`` keys (lists and verdicts left out)."""
+    flat = {}
+    for key, value in metrics.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_metrics(value, path + "/"))
+        elif isinstance(value, float):
+            flat[path] = float(f"{value:.6g}") if math.isfinite(value) else None
+        elif value is None or isinstance(value, (bool, int, str)):
+            flat[path] = value
+    return flat
+
+
+def _format_value(value, spec: str | None) -> str:
+    """A recorded value as the README shows it: floats with one decimal unless ``spec`` says otherwise."""
+    if value is None:
+        return "not measured"
+    if spec == "MB":
+        return f"{value / 1e6:.2f} MB"
+    if spec:
+        return format(value, spec)
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def _sweep(metrics: dict, path: str, sub: str = "") -> list[tuple[str, object]]:
+    """``[(x, value)]`` of the sweep recorded under ``path`` (``path/x``, or ``path/x/sub``), by numeric x.
+
+    With no ``sub`` and nested entries (``path/x/...``), the values are None: only the x values are asked for.
+    """
+    points = {}
+    for key, value in metrics.items():
+        if key.startswith(path + "/"):
+            x, _, rest = key[len(path) + 1:].partition("/")
+            if rest == sub or not sub:
+                points[x] = value if rest == sub else None
+    if not points:
+        raise KeyError(f"{path}/{sub}" if sub else path)
+    return sorted(points.items(), key=lambda p: float(p[0]))
+
+
+def render_measured(template: str, entry: dict) -> str:
+    """Fill a README_ROWS template from one notebook's recorded run.
+
+    ``{key}`` or ``{key:spec}`` is a recorded metric (``a/b`` for nested ones; spec ``MB`` for bytes);
+    ``{band(key)}`` the noise band of that accuracy, ``±4.1``; ``{cmp(a, b)}`` the difference of two accuracies
+    against the band, ``+20.0 points, beyond the band ±4.1``; ``{keys(sweep)}`` and ``{values(sweep[, sub])}``
+    a sweep's x values and results, ``4 / 64 / 1024``.
+
+    Raises:
+        KeyError: the template reads a metric the recorded run does not have (named in the message).
+    """
+    _repo_on_path()
+    from mocolab.evaluate import accuracy_noise
+
+    metrics = entry["metrics"]
+
+    def get(path):
+        if path not in metrics:
+            raise KeyError(f"{entry['name']}: README_ROWS reads {path!r}, which its recorded run does not have")
+        return metrics[path]
+
+    def fill(match):
+        func, args, path, spec = match.groups()
+        if path:
+            return _format_value(get(path.strip()), spec)
+        args = [a.strip() for a in args.split(",")]
+        if func in ("keys", "values"):
+            try:
+                points = _sweep(metrics, *args)
+            except KeyError:
+                raise KeyError(f"{entry['name']}: README_ROWS reads the sweep {args}, which its run does not have") \
+                    from None
+            return " / ".join(x if func == "keys" else _format_value(v, spec) for x, v in points)
+        if func not in ("band", "cmp"):
+            raise ValueError(f"README_ROWS: unknown placeholder {match.group(0)!r}")
+        if any(get(a) is None for a in args):
+            return "not measured"
+        band = accuracy_noise(get(args[-1]), int(get("num_test")))
+        if func == "band":
+            return f"±{band:.1f}"
+        diff = get(args[0]) - get(args[1])
+        where = "beyond" if abs(diff) > band else "inside"
+        return f"{diff:+.1f}".replace("-", "−") + f" points, {where} the band ±{band:.1f}"
+
+    return _PLACEHOLDER.sub(fill, template)
+
+
+def tour_record(results: list[NotebookResult], parameters: dict, command: str) -> dict:
+    """What ``--readme`` records of a tour: per notebook its run time, seed, device, verdicts and scalar metrics."""
+    import platform
+    from datetime import date
+    from importlib.metadata import version
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    notebooks = [{"name": r.name, "ok": r.ok, "seconds": round(r.seconds, 1), "seed": r.metrics.get("seed"),
+                  "device": r.metrics.get("device"), "effects": r.effects,
+                  "metrics": flat_metrics({k: v for k, v in r.metrics.items() if k != "headline_effects"})}
+                 for r in results]
+    return {"about": "A tour of the notebooks, recorded by tools/tour.py --readme; README.md's notebook table is "
+                     "written from it (python tools/tour.py --readme-from docs/tour_results.json).",
+            "command": command, "date": date.today().isoformat(), "parameters": parameters,
+            "python": platform.python_version(), "torch": version("torch"), "cpu_cores": cores,
+            "seconds": round(sum(r.seconds for r in results), 1), "notebooks": notebooks}
+
+
+def _measured_cell(template: str, entry: dict | None) -> str:
+    """The "what the run measured" cell of one notebook, closed by how many of its headline effects hold."""
+    if entry is None:
+        return "not in the recorded tour"
+    if not entry["ok"]:
+        return "**failed** in the recorded tour"
+    text = render_measured(template, entry)
+    effects = entry.get("effects") or []
+    if effects:
+        held = [e for e in effects if e.get("holds")]
+        noun = "headline effects hold" if len(effects) > 1 else "headline effect holds"
+        text += f"; {len(held)} of {len(effects)} {noun}"
+        if len(held) < len(effects):
+            text += " (not: " + "; ".join(e["claim"] for e in effects if not e.get("holds")) + ")"
+    return text.replace("|", "\\|")
+
+
+def render_table(record: dict) -> str:
+    """The README's notebook table (and the sentence under it) for a recorded tour."""
+    entries = {e["name"]: e for e in record.get("notebooks", [])}
+    seeds = sorted({str(e["seed"]) for e in entries.values() if e.get("seed") is not None})
+    changed = {k: v for k, v in record.get("parameters", {}).items() if k != "SEED"}
+    run = "no tour recorded yet" if not entries else \
+        ", ".join([*(f"{k} = {v!r}" for k, v in changed.items()), f"seed {', '.join(seeds) or '?'}",
+                   f"tour of {record['date']}"])
+    what = f"what the {'' if changed else 'default '}run measured ({run}; band = two standard errors of the difference)"
+    lines = [f"| notebook | lesson | exercise | {what} | time |", "|---|---|---|---|---|"]
+    for name, (lesson, exercise, template) in README_ROWS.items():
+        entry = entries.get(name)
+        time_cell = _fmt_seconds(entry["seconds"], whole=True) if entry else "—"
+        measured = _measured_cell(template, entry) if entries else "no tour recorded yet"
+        lines.append(f"| [`{name}`](notebooks/{name}.py) | {lesson} | {exercise} | {measured} | {time_cell} |")
+    results = "[docs/tour_results.json](docs/tour_results.json)"
+    if not entries:
+        lines += ["", f"No tour is recorded yet: `python tools/tour.py --readme` runs one, records it in {results} and "
+                      "writes this table from it."]
+        return "\n".join(lines)
+    ran = sum(e["ok"] for e in entries.values())
+    devices = ", ".join(sorted({str(e.get("device")) for e in entries.values() if e.get("device")})) or "?"
+    lines += ["", f"Written from the tour that `{record['command']}` recorded on {record['date']} in {results}: "
+                  f"{ran} of {len(entries)} notebooks ran in {_fmt_seconds(record['seconds'], whole=True)} in all "
+                  f"(device {devices}, {record['cpu_cores']} CPU cores, PyTorch {record['torch']})."]
+    return "\n".join(lines)
+
+
+def readme_table(text: str) -> str:
+    """The part of README text between the tour-table markers (without them)."""
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ValueError(f"README.md has no {TABLE_START} ... {TABLE_END} markers around its notebook table")
+    return text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip("\n")
+
+
+def write_readme_table(record: dict, readme: Path | None = None) -> None:
+    """Replace the notebook table of ``readme`` (default README.md), between its markers, by ``record``'s."""
+    readme = readme or README
+    text = readme.read_text(encoding="utf-8")
+    readme_table(text)  # the markers are there
+    before, after = text.split(TABLE_START, 1)[0], text.split(TABLE_END, 1)[1]
+    readme.write_text(f"{before}{TABLE_START}\n{render_table(record)}\n{TABLE_END}{after}", encoding="utf-8")
+
+
+def save_record(record: dict, path: Path | None = None) -> None:
+    """Write ``record`` as JSON to ``path`` (default docs/tour_results.json), the file the README's table is from."""
+    path = path or RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
 
@@ -483,7 +742,7 @@ def _parse_value(text: str):
         return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Run every notebook with default parameters; write runs/tour/index.html.")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
@@ -494,10 +753,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebook-dir", type=Path, default=NOTEBOOK_DIR,
                         help="where the notebooks are (default: notebooks/)")
     parser.add_argument("--timeout", type=int, default=None, help="seconds allowed per cell (default: none)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--readme", action="store_true",
+                        help="record the tour in docs/tour_results.json and write README.md's notebook table from it")
+    parser.add_argument("--readme-from", type=Path, metavar="RESULTS",
+                        help="write README.md's notebook table from a recorded tour (docs/tour_results.json); "
+                             "runs no notebook")
+    return parser
 
+
+def run_tour(notebooks: list[Path], out_root: Path, parameters: dict, timeout_s: int | None) -> list[NotebookResult]:
+    """Run the notebooks one after another, printing a line for each and rewriting the index after each."""
+    # Headless: no progress bars in the saved notebooks; exercise stubs fall back to the library (mocolab.exercises).
+    os.environ.setdefault("MOCOLAB_QUIET", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("MOCOLAB_HEADLESS", "1")
+    width = max(len(nb.stem) for nb in notebooks)
+    overrides = "".join(f" {k}={v!r}" for k, v in parameters.items())
+    print(f"[tour] {len(notebooks)} notebook(s), default parameters{overrides and ' except' + overrides}"
+          f" -> {out_root / 'index.html'}", flush=True)
+    results = []
+    for nb in notebooks:
+        print(f"[tour] {nb.stem:<{width}}  ", end="", flush=True)  # completed when the notebook is done
+        result = run_notebook(nb, out_root, parameters, timeout_s=timeout_s)
+        results.append(result)
+        print(log_line(result), flush=True)
+        write_index(results, out_root)  # usable while the tour is still running
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.readme_from:
+        write_readme_table(json.loads(args.readme_from.read_text(encoding="utf-8")))
+        print(f"[tour] wrote the notebook table of {README.name} from {args.readme_from}")
+        return 0
     notebooks = sorted(args.notebook_dir.resolve().glob("*.ipynb"))
     if args.only:
+        if args.readme:
+            parser.error("--readme records a whole tour; leave out --only")
         unknown = sorted(set(args.only) - {nb.stem for nb in notebooks})
         if unknown:
             parser.error(f"no notebook named {unknown}; choose from {[nb.stem for nb in notebooks]}")
@@ -506,30 +800,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no notebooks found in {args.notebook_dir}", file=sys.stderr)
         return 1
     parameters = {name: _parse_value(value) for name, value in args.parameter}
-    # Headless: no progress bars in the saved notebooks; exercise stubs fall back to the library (mocolab.exercises).
-    os.environ.setdefault("MOCOLAB_QUIET", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("MOCOLAB_HEADLESS", "1")
-
-    out_root = args.out.resolve()
-    width = max(len(nb.stem) for nb in notebooks)
-    overrides = "".join(f" {k}={v!r}" for k, v in parameters.items())
-    print(f"[tour] {len(notebooks)} notebook(s), default parameters{overrides and ' except' + overrides}"
-          f" -> {out_root / 'index.html'}", flush=True)
-    results = []
-    for nb in notebooks:
-        print(f"[tour] {nb.stem:<{width}}  ", end="", flush=True)  # completed when the notebook is done
-        result = run_notebook(nb, out_root, parameters, timeout_s=args.timeout)
-        results.append(result)
-        print(log_line(result), flush=True)
-        write_index(results, out_root)  # usable while the tour is still running
-    index = write_index(results, out_root)
+    results = run_tour(notebooks, args.out.resolve(), parameters, args.timeout)
+    index = write_index(results, args.out.resolve())
     failed = [r.name for r in results if not r.ok]
     held, judged = sum(r.effects_held for r in results), sum(len(r.effects) for r in results)
     seconds = _fmt_seconds(sum(r.seconds for r in results))
     print(f"[tour] {len(results) - len(failed)} of {len(results)} ran in {seconds};"
           f" {f'{held}/{judged} headline effects hold' if judged else 'no headline effects'}; wrote {index}",
           flush=True)
+    if args.readme:
+        command = "python tools/tour.py --readme" + "".join(f" -p {k} {v}" for k, v in args.parameter)
+        save_record(tour_record(results, parameters, command))
+        try:
+            write_readme_table(json.loads(RESULTS.read_text(encoding="utf-8")))  # exactly what the file holds
+        except KeyError as err:  # a notebook no longer writes a metric its README row reads
+            print(f"[tour] recorded the tour in {RESULTS.name}, but its README table needs {err}; fix README_ROWS "
+                  f"in tools/tour.py, then run it with --readme-from {os.path.relpath(RESULTS, REPO)}", file=sys.stderr)
+            return 1
+        print(f"[tour] recorded the tour in {RESULTS.name} and wrote the notebook table of {README.name}")
     if failed:
         print(f"[tour] failed: {', '.join(failed)} (the error of each is on its card in {index.name})", file=sys.stderr)
         return 1
