@@ -21,7 +21,7 @@ from .datasets import load_images
 from .device import get_device, seed_everything
 from .evaluate import accuracy_noise
 
-__all__ = ["Lesson", "Effect", "EFFECTS", "judge_effects", "check_parameters"]
+__all__ = ["Lesson", "Effect", "EFFECTS", "AT_SCALE", "judge_effects", "check_parameters"]
 
 
 @dataclass(frozen=True)
@@ -257,23 +257,33 @@ EFFECTS: dict[str, tuple[Effect, ...]] = {
     "10": (
         beats("cmc_knn_acc", "cmc_random_init_knn_acc", "CMC beats its random init (kNN)",
               names=("CMC kNN", "its random init")),
-        at_most("false_negative_rate_after", "false_negative_rate_before", scale=0.75,
-                claim="clustering removes a quarter of the false negatives",
-                names=("false-negative rate after clustering", "before")),
         beats("crd_student_knn_acc", "student_random_init_knn_acc", "the CRD student beats its random init (kNN)",
               names=("CRD student kNN", "its random init")),
     ),
 }
 
 
-def judge_effects(name: str, metrics: dict) -> list[dict]:
+#: Claims a notebook measures but says need more scale than a laptop (with the published figure and the command
+#: that runs them at scale). They are judged and recorded (``at_scale_effects`` in ``metrics.json``) but are not
+#: headline effects: the notebook does not claim them at its default size.
+AT_SCALE: dict[str, tuple[Effect, ...]] = {
+    "10": (
+        at_most("false_negative_rate_after", "false_negative_rate_before", scale=0.75,
+                claim="clustering removes a quarter of the false negatives",
+                names=("false-negative rate after clustering", "before")),
+    ),
+}
+
+
+def judge_effects(name: str, metrics: dict, table: dict[str, tuple[Effect, ...]] | None = None) -> list[dict]:
     """The verdicts on notebook ``name``'s headline effects: a list of ``{claim, holds, detail, values}``.
 
     ``name`` is the notebook's name or number ("05_momentum_encoder" or "05"). A key missing from
-    ``metrics`` gives ``holds = False`` with the missing key as detail.
+    ``metrics`` gives ``holds = False`` with the missing key as detail. ``table`` judges another table of
+    claims instead (:data:`AT_SCALE`).
     """
     out = []
-    for effect in EFFECTS.get(str(name)[:2], ()):
+    for effect in (EFFECTS if table is None else table).get(str(name)[:2], ()):
         try:
             holds, detail, values = effect.check(metrics)
         except (KeyError, TypeError, ValueError) as err:
@@ -409,11 +419,17 @@ class Lesson:
         metrics["seconds"] = round(self.seconds, 1)
         metrics["cpu_seconds"] = round(time.process_time() - self._cpu0, 1)
         metrics["headline_effects"] = judge_effects(self.name, metrics)
+        at_scale = judge_effects(self.name, metrics, AT_SCALE)
+        if at_scale:
+            metrics["at_scale_effects"] = at_scale
         text = json.dumps(metrics, indent=2, default=_plain)
         (self.out / "metrics.json").write_text(text)
         if verbose:
             for e in metrics["headline_effects"]:
                 print(f"[{'holds' if e['holds'] else 'does not hold'}] {e['claim']}: {e['detail']}")
+            for e in metrics.get("at_scale_effects", []):
+                print(f"[needs more scale; {'holds' if e['holds'] else 'does not hold'} here] {e['claim']}: "
+                      f"{e['detail']}")
             print(f"wrote {self.out / 'metrics.json'}; notebook ran in {metrics['seconds']:.0f} s")
         return metrics
 

@@ -7,6 +7,7 @@ import pytest
 
 from mocolab import accuracy_noise
 from mocolab.lesson import (
+    AT_SCALE,
     EFFECTS,
     Lesson,
     at_least,
@@ -188,3 +189,19 @@ def test_parameter_errors_name_the_notebook_parameter(tmp_path):
     with pytest.raises(ValueError, match=r"notebook parameter T = inf: expected a finite number > 0"):
         check_parameters(T=float("inf"))
     check_parameters(NUM_IMAGES=5000, NUM_TEST=1000, IMAGE_SIZE=32, AUGMENTATION="v2", EPOCHS=1, K=64, SEED=0)
+
+
+def test_claims_that_need_more_scale_are_recorded_beside_the_headline_effects(tmp_path):
+    """A claim the notebook says needs more scale is measured and recorded, but is not a headline effect."""
+    metrics = {"cmc_knn_acc": 40.0, "cmc_random_init_knn_acc": 15.0, "crd_student_knn_acc": 60.0,
+               "student_random_init_knn_acc": 18.0, "false_negative_rate_before": 0.1,
+               "false_negative_rate_after": 0.09, "num_train": 2048, "num_test": 1000}
+    saved = Lesson("10_beyond_moco", tmp_path, device="cpu").finish(metrics, verbose=False)
+    claims = {e["claim"] for e in saved["headline_effects"]}
+    at_scale = saved["at_scale_effects"]
+    assert [e["claim"] for e in at_scale] == [e.claim for e in AT_SCALE["10"]]
+    assert not claims & {e["claim"] for e in at_scale}
+    assert all(e["holds"] for e in saved["headline_effects"])
+    assert not at_scale[0]["holds"] and "0.09" in at_scale[0]["detail"]
+    assert "at_scale_effects" not in Lesson("07_moco_full", tmp_path / "07", device="cpu").finish(
+        {"knn_acc": 60.0, "random_init_knn_acc": 20.0, "num_train": 500, "num_test": 1000}, verbose=False)

@@ -80,6 +80,7 @@ class NotebookResult:
     html: str | None = None
     error: str | None = None
     effects: list[dict] = field(default_factory=list)  # {claim, holds, detail, values} per headline effect
+    at_scale: list[dict] = field(default_factory=list)  # the claims the notebook says need more scale, as measured
     notes: list[str] = field(default_factory=list)  # e.g. an override the notebook has no parameter for
 
     @property
@@ -305,6 +306,7 @@ def run_notebook(notebook: Path, out_root: Path, parameters: dict, kernel_name: 
         result.ok = False
         result.error = "the notebook ran but did not write OUTPUT_DIR/metrics.json"
     result.effects = headline_effects(name, result.metrics)
+    result.at_scale = list(result.metrics.get("at_scale_effects", []))
     if nb is not None:
         result.figures = [str(p.relative_to(out_root)) for p in collect_figures(output_dir, nb)]
         try:
@@ -335,6 +337,7 @@ ul.effects { list-style: none; padding: 0; margin: 0.5rem 0; }
 ul.effects li { margin: 0.25rem 0; padding: 0.25rem 0.5rem; border-radius: 4px; }
 ul.effects li.holds { background: #edf7ee; }
 ul.effects li.fails { background: #fdecea; }
+ul.effects li.scale { background: #f3f3f3; color: #444; }
 .verdict { display: inline-block; min-width: 7.5em; font-weight: bold; font-size: 0.85rem; text-transform: uppercase; }
 .holds .verdict { color: #2e7d32; }
 .fails .verdict { color: #c62828; }
@@ -399,6 +402,17 @@ def render_effects(effects: list[dict]) -> str:
     return f'<ul class="effects">{"".join(items)}</ul>'
 
 
+def render_at_scale(claims: list[dict]) -> str:
+    """The claims a notebook says need more scale than its default run: what this run measured, not judged."""
+    esc = html.escape
+    if not claims:
+        return ""
+    items = "".join(f'<li class="scale"><span class="verdict">needs more scale</span> {esc(str(e.get("claim", "")))}'
+                    f' — measured here: <span class="detail">{esc(str(e.get("detail", "")))}</span></li>'
+                    for e in claims)
+    return f'<ul class="effects at-scale">{items}</ul>'
+
+
 def render_index(results: list[NotebookResult], heading: str = "mocolab tour") -> str:
     """The HTML text of the tour index for ``results`` (links relative to the tour directory)."""
     esc = html.escape
@@ -432,6 +446,7 @@ def render_index(results: list[NotebookResult], heading: str = "mocolab tour") -
             title = f'<a href="{esc(r.html, quote=True)}">{title}</a>'
         parts.append(f"<h2>{title}</h2>")
         parts.append(render_effects(r.effects))
+        parts.append(render_at_scale(r.at_scale))
         parts.append(
             f'<div class="meta"><span class="status">{"ran" if r.ok else "FAILED"}</span>'
             f" · <code>{esc(r.name)}</code> · {_fmt_seconds(r.seconds)} · {esc(effects_summary(r))}"
@@ -636,8 +651,9 @@ def tour_record(results: list[NotebookResult], parameters: dict, command: str) -
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     notebooks = [{"name": r.name, "ok": r.ok, "seconds": round(r.seconds, 1), "seed": r.metrics.get("seed"),
-                  "device": r.metrics.get("device"), "effects": r.effects,
-                  "metrics": flat_metrics({k: v for k, v in r.metrics.items() if k != "headline_effects"})}
+                  "device": r.metrics.get("device"), "effects": r.effects, "at_scale_effects": r.at_scale,
+                  "metrics": flat_metrics({k: v for k, v in r.metrics.items()
+                                           if k not in ("headline_effects", "at_scale_effects")})}
                  for r in results]
     return {"about": "A tour of the notebooks, recorded by tools/tour.py --readme; README.md's notebook table is "
                      "written from it (python tools/tour.py --readme-from docs/tour_results.json).",
@@ -660,6 +676,8 @@ def _measured_cell(template: str, entry: dict | None) -> str:
         text += f"; {len(held)} of {len(effects)} {noun}"
         if len(held) < len(effects):
             text += " (not: " + "; ".join(e["claim"] for e in effects if not e.get("holds")) + ")"
+    for e in entry.get("at_scale_effects") or []:
+        text += f"; needs more scale: {e['claim']} ({'holds' if e.get('holds') else 'does not hold'} here)"
     return text.replace("|", "\\|")
 
 

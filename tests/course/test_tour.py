@@ -423,3 +423,15 @@ def test_readme_records_a_whole_tour(capsys):
     with pytest.raises(SystemExit):
         tour.main(["--readme", "--only", "00_setup_and_data"])
     assert "--readme records a whole tour" in capsys.readouterr().err
+
+
+def test_a_claim_that_needs_more_scale_is_shown_apart_and_not_counted():
+    claim = {"claim": "clustering removes a quarter of the false negatives", "holds": False,
+             "detail": "false-negative rate after clustering 0.09 vs before 0.1"}
+    result = tour.NotebookResult(name="10_beyond_moco", title="10", ok=True, seconds=60.0,
+                                 effects=[{"claim": "CMC beats its random init (kNN)", "holds": True, "detail": "x"}],
+                                 at_scale=[claim])
+    page = tour.render_index([result])
+    assert "needs more scale" in page and claim["claim"] in page
+    assert "1 of 1 headline effects hold" in page
+    assert tour.effects_summary(result) == "1/1 effects hold"
