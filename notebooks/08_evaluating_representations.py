@@ -32,10 +32,10 @@
 # **Prerequisites.** Notebooks 02 (InfoNCE), 05 (the momentum encoder) and 07 (MoCo at
 # full size). `mocolab.train.fit` trains the model; this notebook is about what comes after.
 #
-# **Run time.** About 1 min 45 s at the default size on a quiet CPU with one thread (measured: 104 s;
-# 640 MoCo steps on 2,048 images take 30 s of it, the supervised baseline and three small supervised
-# trainings of as many steps about 60 s); less with two threads, several times longer on a machine
-# shared with other jobs. The metrics cell prints this run's wall-clock time.
+# **Run time.** About 1 min 45 s at the default size on a quiet CPU with one thread, most of it the 640
+# MoCo steps, the supervised baseline and three small supervised trainings of as many steps; less with two
+# threads, several times longer on a machine shared with other jobs. The metrics cell prints this run's
+# wall-clock time.
 
 # %% tags=["parameters"]
 SEED = 0                 # seeds the weights, the data order, the augmentations and the label subsets
@@ -117,7 +117,7 @@ fig
 
 # %% [markdown]
 # Notice the loss falling below ln(K+1), the loss of an encoder that cannot tell its positive from
-# the K negatives, and the kNN monitor climbing from epoch to epoch. This run is short on purpose: the
+# the K negatives, and the kNN monitor rising over the run. This run is short on purpose: the
 # point of the notebook is the evaluation, and every comparison below is made at this same, small
 # budget.
 #
@@ -209,9 +209,11 @@ for name, vals in k_sweep.items():
 
 # %% [markdown]
 # Notice how much the accuracy moves along each curve (the printed spread) compared with the gaps
-# between the curves. The exp(s/t) weights let the nearest neighbours dominate the vote, so a large
-# k mostly adds votes that count little; when the spread is small next to the gaps, the ranking of
-# the encoders does not depend on the choice of k.
+# between the curves. The exp(s/t) weights favour the nearest neighbours only as far as their
+# similarities stand out: where the k most similar training images are about equally similar, their
+# votes count about equally, and a large k lets the far neighbours outvote the near ones (the steeper a
+# curve falls, the more that happened). When the spread is small next to the gaps, the ranking of the
+# encoders does not depend on the choice of k.
 #
 # ## The linear probe, two recipes
 #
@@ -346,10 +348,10 @@ for n in LABELS_PER_CLASS:
 # the other two at each n, with the noise band ("within the test-set noise" names no winner). At the
 # defaults the MoCo probe beats the random-init probe at every n; with one label per class it is level
 # with, or above, the network trained from scratch, and from ten labels per class on the network
-# trained from scratch wins by 25 points or more: 640 supervised steps are enough to learn ten shapes,
+# trained from scratch wins by a wide margin: 640 supervised steps are enough to learn ten shapes,
 # while 640 MoCo steps leave MoCo's features far from the supervised ones. The published version of
 # this comparison used 500 pretraining epochs (62.8 % with 10 labels per class on STL-10, UvA
-# tutorial 17; see the table below).
+# tutorial 17, in `docs/published_figures.md`; see the table below).
 #
 # ## Transfer to a second dataset
 #

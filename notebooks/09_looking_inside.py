@@ -27,10 +27,10 @@
 #
 # **Prerequisites.** Notebooks 02 (InfoNCE), 05 (the momentum encoder) and 08 (evaluation).
 #
-# **Run time.** About 1 min 30 s at the default size on a quiet CPU with one thread (measured: 90 s;
-# two trainings of 640 steps on 2,048 images with a measurement after every epoch, about 75 s, and
-# the UMAP fits, whose first one compiles code); less with two threads, several times longer on a
-# machine shared with other jobs. The metrics cell prints this run's wall-clock time.
+# **Run time.** About 1 min 30 s at the default size on a quiet CPU with one thread, most of it two
+# trainings of 640 steps on 2,048 images with a measurement after every epoch, the rest the UMAP fits
+# (the first one compiles code); less with two threads, several times longer on a machine shared with
+# other jobs. The metrics cell prints this run's wall-clock time.
 
 # %% tags=["parameters"]
 SEED = 0                  # seeds the weights, the data order, the augmentations and the fixed views
@@ -173,9 +173,9 @@ fig
 # same direction, so positives are similar only because everything is. Once the queue holds real
 # keys, negatives look similar to q as well. From then on, training pulls the two views of an image
 # together and pushes each query away from the queued keys of other images: what the loss rewards
-# is the **gap** between the two, not either mean alone. The red histogram is wide because it mixes
-# two kinds of negatives: keys of other classes and keys of the query's own class, which the gallery
-# at the end shows are often the most similar ones.
+# is the **gap** between the two, not either mean alone. The red histogram mixes two kinds of
+# negatives: keys of other classes and keys of the query's own class; the gallery at the end counts how
+# often the most similar key of all is one of the latter.
 
 # %%
 first_real = 1 if len(epochs) > 1 else 0  # the first snapshot whose queue holds real keys
@@ -221,7 +221,7 @@ print(f"alignment {align_hist[0]:.3f} → {align_hist[-1]:.3f} ({align_hist[-1] 
 # same vector, so any two views agree) and with uniformity near 0 (nothing is spread out). The
 # printed changes show the trade this run made: how much alignment it gave up for how much
 # uniformity. The right-hand panel is the path through the plane; good representations end up low
-# in both, which takes far longer training than this.
+# in both.
 #
 # ## A run with no negatives
 #
@@ -389,8 +389,8 @@ metrics = lesson.finish(metrics)
 #   direction), so a high q·k means nothing yet; once the queue holds real keys the negatives are
 #   similar too, and training opens the **gap** between positive and negative similarities that the
 #   InfoNCE loss rewards (its size at the end is the first verdict above).
-# * **Alignment** and **uniformity** make the two halves of the loss measurable: training gives up a
-#   little alignment for a lot of uniformity.
+# * **Alignment** and **uniformity** make the two halves of the loss measurable: training gives up some
+#   of the random network's alignment for uniformity (the printed changes say how much of each).
 # * The **embedding** pictures (UMAP) show classes gathering without labels, but read them beside an
 #   accuracy, not instead of one.
 # * Without negatives the loss is minimised by features that stay bunched together: the **collapse

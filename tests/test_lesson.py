@@ -121,7 +121,8 @@ PLAUSIBLE = {
     "09": {"pos_sim_mean": 0.82, "neg_sim_mean": 0.3, "collapse_std_no_negatives": 0.006, "collapse_std": 0.069,
            "knn_acc": 49.8, "knn_acc_no_negatives": 30.0},
     "10": {"cmc_knn_acc": 37.2, "cmc_random_init_knn_acc": 15.1, "false_negative_rate_after": 0.06,
-           "false_negative_rate_before": 0.1, "crd_student_knn_acc": 58.8, "student_random_init_knn_acc": 16.8},
+           "false_negative_rate_before": 0.1, "crd_student_knn_acc": 58.8, "student_random_init_knn_acc": 16.8,
+           "debiased_knn_acc": 19.5, "debiased_knn_acc_at_debiased_t": 42.2, "moco_knn_acc_at_debiased_t": 47.9},
 }
 
 
@@ -195,7 +196,8 @@ def test_claims_that_need_more_scale_are_recorded_beside_the_headline_effects(tm
     """A claim the notebook says needs more scale is measured and recorded, but is not a headline effect."""
     metrics = {"cmc_knn_acc": 40.0, "cmc_random_init_knn_acc": 15.0, "crd_student_knn_acc": 60.0,
                "student_random_init_knn_acc": 18.0, "false_negative_rate_before": 0.1,
-               "false_negative_rate_after": 0.09, "num_train": 2048, "num_test": 1000}
+               "false_negative_rate_after": 0.09, "debiased_knn_acc": 19.5, "debiased_knn_acc_at_debiased_t": 42.2,
+               "moco_knn_acc_at_debiased_t": 47.9, "num_train": 2048, "num_test": 1000}
     saved = Lesson("10_beyond_moco", tmp_path, device="cpu").finish(metrics, verbose=False)
     claims = {e["claim"] for e in saved["headline_effects"]}
     at_scale = saved["at_scale_effects"]

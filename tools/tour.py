@@ -549,7 +549,8 @@ README_ROWS: dict[str, tuple[str, str, str]] = {
         "CMC on `{cmc_dataset}` {cmc_knn_acc} % vs its init {cmc_random_init_knn_acc} %; CRD student "
         "{crd_student_knn_acc} % vs its init {student_random_init_knn_acc} %; against MoCo's {moco_knn_acc} %: MoCHi "
         "{mochi_knn_acc} %, debiased {debiased_knn_acc} %, clustering-aware {cluster_knn_acc} %, whose clusters take "
-        "the false-negative rate from {false_negative_rate_before:.3f} to {false_negative_rate_after:.3f}"),
+        "the false-negative rate from {false_negative_rate_before:.3f} to {false_negative_rate_after:.3f}; at T = "
+        "{debiased_t:g} the debiased loss {debiased_knn_acc_at_debiased_t} % vs MoCo {moco_knn_acc_at_debiased_t} %"),
 }
 
 _PLACEHOLDER = re.compile(r"\{(?:(\w+)\(([^(){}]*)\)|([^(){}:]+))(?::([^{}]*))?\}")
