@@ -26,8 +26,8 @@
 #
 # **Prerequisites.** Notebook 00 (the `shapes` dataset and the augmentations); PyTorch basics.
 #
-# **Run time.** About a minute at the default size on a quiet 2-core CPU (no GPU, no download); several
-# times longer on a machine shared with other jobs. The wall-clock time of your run is printed at the end.
+# **Run time.** About half a minute at the default size on a quiet 2-core CPU (no GPU, no download);
+# several times longer on a machine shared with other jobs. The wall-clock time of your run is printed at the end.
 
 # %% tags=["parameters"]
 SEED = 0                # seeds the data order, the augmentations and the weights
@@ -67,7 +67,7 @@ x_train, y_train, x_test, y_test, classes = lesson.load(DATASET, NUM_TRAIN, NUM_
 augment = mocolab.BatchAugment(image_size=x_train.shape[-1], preset="v2")
 
 # %% [markdown]
-# ## The loss, written out
+# ## The loss of a pair
 #
 # Two embeddings `x1`, `x2` at Euclidean distance `D = ‖x1 − x2‖`, and a label `Y`: `Y = 0` for a similar
 # (positive) pair, `Y = 1` for a dissimilar (negative) pair (the paper's convention):
@@ -75,52 +75,23 @@ augment = mocolab.BatchAugment(image_size=x_train.shape[-1], preset="v2")
 # `L = (1 − Y) · ½ D²  +  Y · ½ · max(0, margin − D)²`
 #
 # A positive pair is pulled together with a spring of rest length 0. A negative pair is pushed apart,
-# but only while it is closer than `margin`: beyond the margin it costs nothing. Below, the loss is written
-# naively, one pair at a time, and checked against `mocolab.margin_contrastive_loss` (which the rest of the
-# notebook uses).
-
-# %%
-def margin_loss_naive(x1, x2, y, margin):
-    total = 0.0
-    for a, b, label in zip(x1, x2, y):
-        D = torch.sqrt(((a - b) ** 2).sum())
-        total = total + (1 - label) * 0.5 * D**2 + label * 0.5 * torch.clamp(margin - D, min=0) ** 2
-    return total / len(y)
-
-
-g = torch.Generator().manual_seed(SEED)
-x1, x2 = torch.randn(8, DIM, generator=g), torch.randn(8, DIM, generator=g)
-y = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
-torch.testing.assert_close(mocolab.margin_contrastive_loss(x1, x2, y, margin=MARGIN),
-                           margin_loss_naive(x1, x2, y.float(), MARGIN))
-print("naive loop == mocolab.margin_contrastive_loss")
-
-D = torch.linspace(0, 2, 200)
-zeros = torch.zeros(200, 1)
-fig, ax = plt.subplots(figsize=(5, 3.4))
-for label, name in [(0, "positive pair (Y = 0)"), (1, "negative pair (Y = 1)")]:
-    per_pair = [mocolab.margin_contrastive_loss(zeros[i:i + 1], D[i:i + 1, None], torch.tensor([label]), MARGIN)
-                for i in range(len(D))]
-    ax.plot(D, torch.stack(per_pair), label=name)
-ax.axvline(MARGIN, color="grey", linestyle=":", label="margin")
-ax.set_xlabel("distance D"), ax.set_ylabel("loss of one pair"), ax.legend(), ax.grid(alpha=0.3)
-fig.savefig(out / "loss_vs_distance.png", dpi=100, bbox_inches="tight")
+# but only while it is closer than `margin`: beyond the margin it costs nothing. Why a margin? A negative pair
+# only has to be far enough apart to be told from a positive one; pushing pairs that already are would spend
+# the training on them (and, in an unbounded space, could go on forever). With the margin, a negative pair is
+# done once it is far enough.
 
 # %% [markdown]
-# Notice the two branches: the positive branch grows with D, the negative branch is zero for every
-# `D ≥ margin`. A negative pair that is already far enough apart gives **no gradient at all**. The x-axis
-# stops at 2 because the models below compare unit vectors, which are never more than 2 apart.
-
-# %% [markdown]
-# ### Your turn: the loss for a whole batch, without a loop
+# ### Your turn: the loss for a whole batch
 #
 # Write `margin_loss(x1, x2, y, margin)` for N pairs at once: `x1`, `x2` of shape (N, C), `y` of shape (N,)
-# holding 0 (similar) or 1 (dissimilar), and one number back, the mean over the pairs. No Python loop:
-# compute the N distances `D` in one line (`(x1 - x2).norm(dim=1)`), then the two branches with
-# `torch.clamp(…, min=0)`. The checker compares your function with `mocolab.margin_contrastive_loss`, value
-# and gradient, on batches of several sizes, margins and label mixes, and names the usual slips (a missing ½,
-# an unclamped hinge, swapped labels). Until it passes, the notebook keeps using the library's loss. A
-# reference solution is in `notebooks/solutions/solutions.py`.
+# holding 0 (similar) or 1 (dissimilar), and one number back, the loss above averaged over the N pairs. A
+# training step scores a whole batch of pairs, so the function works on tensors, without a Python loop over
+# the pairs, and it must let gradients flow back into `x1` and `x2`: the margin model below minimises it.
+#
+# The checker compares your function with `mocolab.margin_contrastive_loss`, value and gradient, on batches of
+# several sizes, margins and label mixes, and names the usual slips when it recognises one. Once it passes,
+# your function draws the curves below and trains the margin model; until then the notebook uses the
+# library's loss. A reference solution is in `notebooks/solutions/solutions.py`.
 
 # %%
 from mocolab import exercises
@@ -132,6 +103,31 @@ def margin_loss(x1, x2, y, margin):
 
 
 margin_loss = exercises.check("margin_loss", margin_loss)
+
+# %% [markdown]
+# ### Predict, then draw
+#
+# Before you run the next cell, sketch the loss of **one** pair against its distance D, from 0 to 2, once for
+# a positive pair and once for a negative pair, with the margin at `MARGIN`. Where is each curve zero, and
+# where does it have no slope? The cell draws both with the `margin_loss` above, one pair at a time.
+
+# %%
+exercises.announce("margin_loss", margin_loss, "this plot")
+D = torch.linspace(0, 2, 200)
+zeros = torch.zeros(200, 1)
+fig, ax = plt.subplots(figsize=(5, 3.4))
+for label, name in [(0, "positive pair (Y = 0)"), (1, "negative pair (Y = 1)")]:
+    per_pair = [margin_loss(zeros[i:i + 1], D[i:i + 1, None], torch.tensor([label]), MARGIN).detach()
+                for i in range(len(D))]
+    ax.plot(D, torch.stack(per_pair).reshape(-1), label=name)
+ax.axvline(MARGIN, color="grey", linestyle=":", label="margin")
+ax.set_xlabel("distance D"), ax.set_ylabel("loss of one pair"), ax.legend(), ax.grid(alpha=0.3)
+fig.savefig(out / "loss_vs_distance.png", dpi=100, bbox_inches="tight")
+
+# %% [markdown]
+# Notice the two branches: the positive branch grows with D, the negative branch is zero for every
+# `D ≥ margin`. A negative pair that is already far enough apart gives **no gradient at all**. The x-axis
+# stops at 2 because the models below compare unit vectors, which are never more than 2 apart.
 
 # %% [markdown]
 # ## Making pairs without labels
@@ -173,8 +169,15 @@ fig.savefig(out / "pairs.png", dpi=100, bbox_inches="tight")
 #   nearest one?).
 # - `loss` takes the pairs from these scores: N positive pairs `(z_q[i], z_k[i])` (the diagonal) and N
 #   negative pairs `(z_q[i], z_k[i − 1])`, `Y = [0…0; 1…1]`, and averages the margin loss over the 2N pairs.
+#
+# The run below trains with **your** `margin_loss` once it has passed: `wrap_losses.margin_pairs` builds the
+# same model, from the same initial weights, with a `loss` that calls your function on the 2N pairs (the loss
+# of a pair depends on it only through its distance D, so each pair reaches your function as two points D
+# apart). Until then it builds `mocolab.MarginPairs` itself. The run prints which one it uses.
 
 # %%
+from mocolab.exercises import wrap_losses
+
 encoder_fn = partial(mocolab.ConvNet, width=WIDTH)
 
 # %% [markdown]
@@ -217,8 +220,9 @@ def recorder(model, curve, snapshots=None):
     return on_epoch
 
 
+exercises.announce("margin_loss", margin_loss, "the margin run")
 mocolab.seed_everything(SEED)
-margin_model = mocolab.MarginPairs(encoder_fn, dim=DIM, margin=MARGIN).to(device)
+margin_model = wrap_losses.margin_pairs(margin_loss, encoder_fn, dim=DIM, margin=MARGIN).to(device)
 snapshots[0] = mocolab.extract_features(margin_model.encoder_q, x_show)
 margin_curve = []
 margin_hist = fit(margin_model, x_train, augment, config, device=device,

@@ -17,9 +17,9 @@
 #
 # - lay out the InfoNCE logits as MoCo does, positive in column 0, and answer *why the labels are all zeros*;
 # - show that Sohn's N-pair loss (2016) **is** a cross-entropy over `[l_pos, l_neg]` (temperature 1);
-# - predict the loss at initialisation, `ln(K+1)`, and measure it;
-# - feel the temperature `T` with a slider, and read the bound `I(q; k) ≥ ln(K+1) − L` off a training run,
-#   knowing when it holds and how loose it is;
+# - predict the loss of a model that has learnt nothing yet, and measure it;
+# - feel the temperature `T` with a slider, and read a lower bound on the mutual information of the two views
+#   off a training run, knowing when it holds and how loose it is;
 # - measure how the temperature and the number of negatives K change what a MoCo run of a few hundred
 #   steps learns.
 #
@@ -39,13 +39,13 @@ WIDTH = 16              # ConvNet width w (channels w, 2w, 4w, 8w)
 DIM = 128               # C, the feature dimension of q and k
 K = 1024                # queue size (number of negatives) of the main run
 T = 0.2                 # temperature of the main run
-M = 0.99                # momentum of the key encoder: a time constant of 1/(1 − M) = 100 steps
-EPOCHS = 20             # epochs of the main run: 20 × 2048 / 64 = 640 steps, 6.4 time constants
+M = 0.99                # momentum of the key encoder: a time constant 1/(1 − M) of 100 steps
+EPOCHS = 20             # epochs of the main run: 20 × 2048 / 64, or 640 steps, 6.4 time constants
 BATCH_SIZE = 64         # N, images per step
 LR = 0.06               # SGD learning rate (constant)
 SWEEP_EPOCHS = 20       # epochs of each run in the two sweeps (the main run is reused when equal)
 TEMPERATURES = [0.05, 0.2, 0.5]  # T values of the temperature sweep (at queue size K)
-QUEUE_SIZES = [4, 64, 1024]      # K values of the negatives sweep (at temperature T); 1 <= K < NUM_TRAIN
+QUEUE_SIZES = [4, 64, 1024]      # K values of the negatives sweep (at temperature T); each from 1 to NUM_TRAIN − 1
 OUTPUT_DIR = "runs/02_npair_and_infonce"  # figures and metrics.json go here
 
 # %% [markdown]
@@ -55,7 +55,6 @@ OUTPUT_DIR = "runs/02_npair_and_infonce"  # figures and metrics.json go here
 # `lesson.load` returns the images. Labels are used only by the kNN evaluation.
 
 # %%
-import math
 from functools import partial
 
 import matplotlib.pyplot as plt
@@ -63,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 import mocolab
+from mocolab.exercises import wrap_losses
 from mocolab.train import TrainConfig, fit
 
 lesson = mocolab.Lesson("02_npair_and_infonce", OUTPUT_DIR, seed=SEED, device=DEVICE)
@@ -79,54 +79,77 @@ for K_run in {K, *QUEUE_SIZES}:
 # ## The logits, and why the labels are all zeros
 #
 # A query `q` (N, C), its positive key `k` (N, C) (the other view of the same image) and K negatives, the
-# columns of `queue` (C, K). All unit vectors, so a dot product is a cosine similarity:
+# columns of `queue` (C, K). All unit vectors, so a dot product is a cosine similarity. Each query n gets one
+# row of 1 + K scores, divided by the temperature T:
 #
-# - `l_pos = einsum("nc,nc->n", q, k)` → (N, 1), one positive per query;
-# - `l_neg = einsum("nc,ck->nk", q, queue)` → (N, K);
-# - `logits = cat([l_pos, l_neg], dim=1) / T` → (N, 1+K).
+# - column 0: its **positive** logit, `q_n · k_n`;
+# - columns 1 … K: its **negative** logits, `q_n · queue[:, j]` for each of the K keys in the queue;
 #
-# The loss is a (1+K)-way classification: "which of the 1+K candidates is my positive?" Because we **put**
-# the positive in column 0 for every row, the correct class is 0 for every query: the labels are all zeros.
-# (In notebook 01 the positives sat on the diagonal of an N × N matrix, so the labels were `arange(N)`.)
-
-# %%
-g = torch.Generator().manual_seed(SEED)
-N, C, K_demo = 4, 8, 6
-q = F.normalize(torch.randn(N, C, generator=g), dim=1)  # (N, C)
-k = F.normalize(q + 0.5 * torch.randn(N, C, generator=g), dim=1)  # (N, C): close to q
-queue = F.normalize(torch.randn(C, K_demo, generator=g), dim=0)  # (C, K)
-
-l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
-l_neg = torch.einsum("nc,ck->nk", q, queue)  # (N, K)
-logits = torch.cat([l_pos, l_neg], dim=1) / T  # (N, 1+K)
-labels = torch.zeros(N, dtype=torch.long)  # the positive is column 0 of every row
-
-lib_logits, lib_labels = mocolab.infonce_logits(q, k, queue, T=T)
-torch.testing.assert_close(lib_logits, logits)
-assert torch.equal(lib_labels, labels)
-print("logits (N, 1+K) =", tuple(logits.shape), " labels =", labels.tolist())
-print("InfoNCE loss:", F.cross_entropy(logits, labels).item())
+# so the logits are (N, 1+K). The loss is a (1+K)-way classification, "which of the 1+K candidates is my
+# positive?", scored by the cross-entropy of a softmax over the row. Because we **put** the positive in
+# column 0 for every row, the correct class is 0 for every query: the labels are all zeros. (In notebook 01
+# the positives sat on the diagonal of an N × N matrix, so the labels were `arange(N)`.)
 
 # %% [markdown]
-# ### Your turn: InfoNCE from the encoder outputs
+# ### Your turn: the chance loss
 #
-# Write `infonce(q, k, queue, T)` returning `(logits, labels, loss)`. Here `q` and `k` (N, C) come straight
-# from the encoders, **not yet normalised**; `queue` (C, K) holds unit keys as columns. Normalise q and k
-# along dim 1, build the logits with the positive in column 0, divide by T once, and take the cross-entropy.
-# The checker compares your function with `mocolab.infonce_logits` on several N, C, K and T, and on
-# uninformative features, where the loss must come out at exactly ln(K+1). Until it passes, the notebook
-# uses the library's version (reference solution: `notebooks/solutions/solutions.py`).
+# Before anything is trained, predict the loss. If the features carry no information, no candidate of a row
+# looks more like the positive than any other. Write `chance_loss(K)`: the loss above, in nats, for one
+# positive and K negatives that all look alike. This is your prediction for a model that has learnt nothing
+# yet; the notebook measures such a model further down and sets the measurement beside it.
 
 # %%
 from mocolab import exercises
 
 
+def chance_loss(K):
+    """The InfoNCE loss when the positive and the K negatives are indistinguishable."""
+    raise NotImplementedError  # your code here
+
+
+chance_loss = exercises.check("chance_loss", chance_loss)
+print(f"chance loss for the queue of this notebook, K = {K}: {chance_loss(K):.3f} nats")
+
+# %% [markdown]
+# ### Your turn: InfoNCE from the encoder outputs
+#
+# Write `infonce(q, k, queue, T)` returning `(logits, labels, loss)`: the logits laid out as above, the
+# labels, and the loss averaged over the N queries. Here `q` and `k` (N, C) come straight from the encoders
+# and are **not yet unit length**; `queue` (C, K) holds unit keys as its columns. The logits must be cosine
+# similarities divided by T exactly once, and the loss must carry gradients back into `q`: it is what
+# training minimises.
+#
+# The checker compares your function with `mocolab.infonce_logits` on several N, C, K and T, and on
+# uninformative features, where the loss must equal the chance loss. Once it passes, your `infonce` computes
+# the logits of every MoCo model in this notebook: the loss at initialisation, the training run and the two
+# sweeps. Until then the notebook uses the library's version (reference solution:
+# `notebooks/solutions/solutions.py`).
+
+# %%
 def infonce(q, k, queue, T):
     """(logits (N, 1+K), labels (N,), loss) with the positive at index 0; q and k are not yet normalised."""
     raise NotImplementedError  # your code here
 
 
 infonce = exercises.check("infonce", infonce)
+
+# %% [markdown]
+# Your `infonce` on a small batch: four queries, each with a positive key close to it, and a queue of six
+# random unit keys.
+
+# %%
+exercises.announce("infonce", infonce, "this cell")
+g = torch.Generator().manual_seed(SEED)
+N, C, K_demo = 4, 8, 6
+q = F.normalize(torch.randn(N, C, generator=g), dim=1)  # (N, C)
+k = F.normalize(q + 0.5 * torch.randn(N, C, generator=g), dim=1)  # (N, C): close to q
+queue = F.normalize(torch.randn(C, K_demo, generator=g), dim=0)  # (C, K)
+
+logits, labels, loss = infonce(q, k, queue, T)
+print("logits (N, 1+K) =", tuple(logits.shape), " labels =", labels.tolist())
+print("positive logit of each row:", [round(v, 2) for v in logits[:, 0].tolist()],
+      " largest negative logit:", [round(v, 2) for v in logits[:, 1:].max(dim=1).values.tolist()])
+print(f"InfoNCE loss: {loss.item():.4f}")
 
 # %% [markdown]
 # ## The N-pair loss is a softmax cross-entropy
@@ -143,18 +166,18 @@ infonce = exercises.check("infonce", infonce)
 # Where the other pieces come from: van den Oord et al. (2018, CPC) named the loss InfoNCE, with a
 # *bilinear* score `zᵀ W c` between the two sides; the form MoCo uses, **cosine similarity of unit vectors
 # divided by a temperature T**, comes from Wu et al. (2018, instance discrimination with a memory bank,
-# notebook 03). We check the identity numerically: the N-pair loss with per-query negatives `(N, K, C)`, a
-# cross-entropy written by hand, and `mocolab.infonce_loss(..., T=1)`.
+# notebook 03). We check the identity numerically on the small batch above: `mocolab.npair_loss` with
+# per-query negatives `(N, K, C)`, Sohn's form written out one anchor at a time, and your `infonce` at T = 1.
 
 # %%
 negatives = queue.t().unsqueeze(0).expand(N, K_demo, C)  # (N, K, C): the same K negatives for every query
 npair = mocolab.npair_loss(q, k, negatives)
-by_hand = F.cross_entropy(torch.cat([l_pos, l_neg], dim=1), labels)  # T = 1
+logits_t1, _, loss_t1 = infonce(q, k, queue, 1.0)  # your InfoNCE at T = 1
+l_pos, l_neg = logits_t1[:, :1], logits_t1[:, 1:]  # (N, 1), (N, K)
 naive = torch.stack([torch.log1p(torch.exp(l_neg[i] - l_pos[i]).sum()) for i in range(N)]).mean()  # Sohn's form
-torch.testing.assert_close(npair, by_hand)
 torch.testing.assert_close(npair, naive)
-torch.testing.assert_close(npair, mocolab.infonce_loss(q, k, queue, T=1.0))
-print(f"N-pair loss = cross-entropy on [l_pos, l_neg] = InfoNCE at T = 1: {npair.item():.4f}")
+torch.testing.assert_close(npair, loss_t1)
+print(f"N-pair loss = Sohn's form = infonce at T = 1: {npair.item():.4f}")
 
 # %% [markdown]
 # ## The temperature, interactively
@@ -188,29 +211,14 @@ my_prediction = None  # your guess for T, e.g. 0.3
 exercises.half_mass_temperature(my_prediction, K=16, seed=0)
 
 # %% [markdown]
-# ### Your turn: the chance loss
-#
-# If the features carry no information, every candidate is as likely as any other. Write `chance_loss(K)`:
-# the InfoNCE loss, in nats, for one positive and K negatives that all look alike. The next section measures
-# it on a random-init model.
-
-# %%
-def chance_loss(K):
-    """The InfoNCE loss when the positive and the K negatives are indistinguishable."""
-    raise NotImplementedError  # your code here
-
-
-chance_loss = exercises.check("chance_loss", chance_loss)
-print(f"chance loss for the queue of this notebook, K = {K}: {chance_loss(K):.3f} nats")
-
-# %% [markdown]
-# ## The loss at initialisation is about ln(K+1)
+# ## The loss at initialisation, measured
 #
 # If the features carry no information about which candidate is the positive, every one of the 1 + K
-# candidates gets probability `1/(K+1)` and `L = −log(1/(K+1)) = ln(K+1)`. For **identical** features
-# (all similarities equal) this is exact; we check that first. Then we measure it on a random-init MoCo
-# model (`mocolab.MoCo`, ConvNet encoder) whose queue we fill with real keys from its own random key
-# encoder, as it would hold after the first K/N steps.
+# candidates gets probability `1/(K+1)` and `L = −log(1/(K+1)) = ln(K+1)`: the chance loss. For **identical**
+# features (all similarities equal) your `infonce` must give exactly your `chance_loss`; we check that first.
+# Then we measure the loss of a random-init MoCo model (`mocolab.MoCo`, ConvNet encoder, its logits made by
+# your `infonce` once it passes) whose queue we fill with real keys from its own random key encoder, as it
+# would hold after the first K/N steps, and set it beside your prediction.
 #
 # One detail about the queue: the official MoCo starts it with *random unit vectors*, which are far from
 # every real feature, so the loss at step 0 is much lower than ln(K+1) and rises while the queue fills with
@@ -219,8 +227,9 @@ print(f"chance loss for the queue of this notebook, K = {K}: {chance_loss(K):.3f
 
 # %%
 same = F.normalize(torch.ones(N, C), dim=1)
-torch.testing.assert_close(mocolab.infonce_loss(same, same, same[:1].t().expand(C, K_demo).contiguous(), T=T),
-                           torch.tensor(math.log(K_demo + 1)))
+_, _, same_loss = infonce(same, same, same[:1].t().expand(C, K_demo).contiguous(), T)
+torch.testing.assert_close(same_loss, torch.tensor(chance_loss(K_demo), dtype=same_loss.dtype))
+print(f"identical features, K = {K_demo}: infonce loss {same_loss.item():.4f} = chance_loss {chance_loss(K_demo):.4f}")
 
 
 @torch.no_grad()
@@ -235,25 +244,28 @@ def fill_queue(model, generator, view_generator):
 
 
 def make_moco(T, K, seed=SEED):
+    """A MoCo model whose logits come from `infonce`, with its queue filled (`wrap_losses.moco`)."""
     mocolab.seed_everything(seed)
-    model = mocolab.MoCo(encoder_fn, dim=DIM, K=K, m=M, T=T).to(device)
+    model = wrap_losses.moco(infonce, encoder_fn, dim=DIM, K=K, m=M, T=T).to(device)
     fill_queue(model, torch.Generator().manual_seed(seed), torch.Generator(device=device).manual_seed(seed))
     return model
 
 
+exercises.announce("infonce", infonce, "every MoCo model of this notebook")
 model = make_moco(T, K)
 with torch.no_grad():
     idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(SEED))[:BATCH_SIZE]
     views_gen = torch.Generator(device=device).manual_seed(SEED + 1)
     batch = x_train[idx].to(device)
     im_q, im_k = augment(batch, generator=views_gen), augment(batch, generator=views_gen)
-    k_init = model._keys(im_k)  # (N, C)
-    q_init = F.normalize(model.encoder_q(im_q), dim=1)  # (N, C)
-    init_loss = mocolab.infonce_loss(q_init, k_init, model.negatives(), T=T).item()
+    k_init = model._keys(im_k)  # (N, C), unit length
+    q_raw = model.encoder_q(im_q)  # (N, C), as the encoder returns it
+    init_loss = infonce(q_raw, k_init, model.negatives(), T)[2].item()
+    q_init = F.normalize(q_raw, dim=1)  # (N, C)
     stats = mocolab.similarity_stats(q_init, k_init, model.negatives())
-ln_k_plus_1 = math.log(K + 1)
-print(f"K = {K}, T = {T}: ln(K+1) = {ln_k_plus_1:.3f}, loss of the random-init model = {init_loss:.3f} "
-      f"({100 * (init_loss - ln_k_plus_1) / ln_k_plus_1:+.1f} %)")
+ln_k_plus_1 = chance_loss(K)
+print(f"K = {K}, T = {T}: your prediction, the chance loss ln(K+1) = {ln_k_plus_1:.3f}; "
+      f"loss of the random-init model = {init_loss:.3f} ({100 * (init_loss - ln_k_plus_1) / ln_k_plus_1:+.1f} %)")
 print(f"mean cosine with the positive {stats['pos_mean']:.3f}, with the negatives {stats['neg_mean']:.3f}")
 assert abs(init_loss - ln_k_plus_1) < 1.0, "the loss at initialisation should be within 1 nat of ln(K+1)"
 
@@ -373,6 +385,8 @@ for t, acc in temperature_sweep.items():
 # keys of each batch, so the sweep can start from a handful of negatives, close to Sohn's N-pair setting;
 # and every K stays below the number of training images, because a longer queue would hold an older key of
 # the query's own image among its negatives.
+#
+# Before you run it, predict the shape of the curve: does every additional negative help?
 
 # %%
 negatives_sweep = {K_run: sweep_run(T, K_run) for K_run in QUEUE_SIZES}
@@ -386,10 +400,10 @@ fig.savefig(out / "negatives_sweep.png", dpi=100, bbox_inches="tight")
 # %% [markdown]
 # Notice the shape of the curve. From a handful of negatives to a few dozen, the accuracy climbs steeply:
 # with 4 negatives, telling the positive apart takes little more than the grey level or the background,
-# so the encoder learns little else. Further up, on `shapes`, the curve can bend down again: in the default
-# run (seed 0) the largest queue ended below the 64-key one (the verdicts below say by how much, against
-# the test-set noise band). One known reason is **class collisions** (Arora et al. 2019; Ash et al. 2022):
-# `shapes` has only 12 classes, so about a twelfth of any queue shows the query's own shape, and the more
+# so the encoder learns little else. Further up, on `shapes`, the curve can bend down again: the verdicts
+# below set the largest queue against the smallest and, when it is not the best, against the best one, with
+# the test-set noise band. One known reason is **class collisions** (Arora et al. 2019; Ash et al. 2022):
+# `shapes` has only ten classes, so about a tenth of any queue shows the query's own shape, and the more
 # negatives a softmax sees, the more surely its *hardest* negative, the one that dominates the gradient at
 # a small T, is such an image. The cell after the verdicts measures this on the main run's encoder. The
 # MoCo paper (ImageNet's 1000 classes, ResNet-50, linear probe; its Figure 3, summarised in
@@ -429,10 +443,10 @@ print("hardest negative has the query's class (%), by K:",
       {k: round(v, 1) for k, v in hardest_negative_same_class.items()}, f"(one random negative: {100 / len(classes):.0f} %)")
 
 # %% [markdown]
-# Notice how the share grows with K (at seed 0: 15 % with 4 negatives, 40 % with 64, 54 % with 1024, against
-# 8 % for one random negative). With a large queue on a 12-class dataset, the negative that the loss pushes
-# hardest is, about half the time, an image of the query's own shape: more negatives buy a finer task and,
-# here, more false negatives too. Notebook 10 tries to remove them.
+# Notice how the share grows with K, far above the share of a single random negative printed beside it.
+# With a large queue on a ten-class dataset, the negative that the loss pushes hardest is often an image of
+# the query's own shape: more negatives buy a finer task and, here, more false negatives too. Notebook 10 tries
+# to remove them.
 
 # %%
 metrics = lesson.finish({
@@ -458,19 +472,20 @@ metrics = lesson.finish({
 # ## Summary
 #
 # - InfoNCE is a (1+K)-way cross-entropy; with the positive placed in column 0 the labels are all zeros.
-# - The N-pair loss is the same cross-entropy with T = 1; InfoNCE adds the temperature.
-# - The N-pair loss is the cross-entropy with T = 1 on unnormalised embeddings; MoCo's form, cosine
-#   similarities of unit vectors divided by T, comes from Wu et al. (2018).
-# - With uninformative features the loss is `ln(K+1)`; the random-init model measured here starts within
-#   5 % of it (the first headline effect printed above).
+# - The N-pair loss is the same cross-entropy with T = 1 on unnormalised embeddings; MoCo's form, cosine
+#   similarities of unit vectors divided by a temperature T, comes from Wu et al. (2018).
+# - With uninformative features the loss is the chance loss `ln(K+1)`; the random-init model measured here
+#   starts close to it (the first verdict printed above gives the gap and the tolerance).
 # - `ln(K+1) − L` lower-bounds the mutual information between the views' features when the negatives are
 #   drawn from the marginal; it is loose, and can never certify more than `ln(K+1)` nats.
 # - The temperature decides how much the hardest negatives dominate: at the default size the best of the
-#   swept temperatures lies inside the range. More negatives did not help at this size: the largest K does
-#   not beat the smallest (the verdicts printed above, `headline_effects` in `metrics.json`), unlike the
-#   MoCo paper's ImageNet runs. The next
-#   notebook asks where the K negatives should come from when they cannot all be computed fresh: a memory
-#   bank.
+#   swept temperatures lies inside the range.
+# - More negatives help, up to a point: the largest K beats the smallest beyond the noise band, but in the
+#   default run the accuracy rose from the smallest K to the middle one and fell again at the largest, where
+#   the hardest negative more often shares the query's class (the verdicts printed above, `headline_effects`
+#   in `metrics.json`). The MoCo paper's ImageNet runs, with a thousand classes, keep rising with K.
+# - The next notebook asks where the K negatives should come from when they cannot all be computed fresh: a
+#   memory bank.
 #
 # ## Exercises
 #

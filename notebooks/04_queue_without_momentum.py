@@ -26,6 +26,9 @@
 # 3. we train the same model with `m = 0` and with `m = 0.99` at the same budget
 #    and compare the loss, the pretext accuracy and the kNN accuracy.
 #
+# On the way you write the queue's `enqueue` yourself; once it passes its check,
+# both trainings run on it.
+#
 # **Prerequisites.** 02 (InfoNCE, the chance loss ln(K+1)) and 03 (a memory bank
 # of stale features).
 #
@@ -44,7 +47,7 @@ DIM = 128  # C, the dimension of q and k
 K = 512  # queue size: the keys of the last K / BATCH_SIZE batches
 T = 0.1  # softmax temperature
 M_SLOW = 0.99  # the momentum compared with m = 0 (MoCo's CIFAR-10 demo uses 0.99)
-EPOCHS = 20  # passes over the training images, for each of the two trainings (31 steps each)
+EPOCHS = 20  # passes over the training images, for each of the two trainings (31 steps per epoch)
 BATCH_SIZE = 64  # N, images per step
 LR = 0.06  # SGD learning rate
 LR_SCHEDULE = "constant"  # "constant": θq moves at the same pace to the end; "cosine" decays the rate to 0
@@ -65,7 +68,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import mocolab
-from mocolab import BatchAugment, ConvNet, KeyConsistencyProbe, Lesson, MoCo, compare_accuracies
+from mocolab import BatchAugment, ConvNet, KeyConsistencyProbe, Lesson, MoCo, compare_accuracies, evaluate_knn
 from mocolab.plotting import plot_curves
 from mocolab.train import TrainConfig, fit
 
@@ -74,8 +77,10 @@ out, device = lesson.out, lesson.device
 x_train, y_train, x_test, y_test, classes = lesson.load(DATASET, NUM_TRAIN, NUM_TEST)
 augment = BatchAugment(image_size=x_train.shape[-1]).to(device)
 total_steps = len(x_train) // BATCH_SIZE * EPOCHS
-print(f"queue K = {K} keys = the keys of the last {K / BATCH_SIZE:g} batches of N = {BATCH_SIZE}; "
-      f"{total_steps} steps per run, {total_steps * (1 - M_SLOW):.1f} time constants of m = {M_SLOW:g}")
+print(f"queue K = {K} keys = the keys of the last K / N = {K / BATCH_SIZE:g} batches of N = {BATCH_SIZE}; "
+      f"chance loss ln(K + 1) = {math.log(K + 1):.2f}")
+print(f"{total_steps} steps per run ({len(x_train) // BATCH_SIZE} per epoch); m = {M_SLOW:g} has a time constant "
+      f"1 / (1 - m) = {1 / (1 - M_SLOW):.0f} steps, {total_steps * (1 - M_SLOW):.1f} of them per run")
 
 # %% [markdown]
 # ## The queue is a ring buffer
@@ -105,7 +110,8 @@ def enqueue(queue, ptr, keys):
 enqueue = exercises.check("enqueue", enqueue)
 
 # %% [markdown]
-# A queue of K = 5 one-number keys, filled by batches of N = 2: watch the third batch wrap around.
+# A queue of K = 5 one-number keys, filled by batches of N = 2, each batch's keys all equal to its number.
+# Before you run the cell, predict: after the third batch, which columns hold a 3, and where is the pointer?
 
 # %%
 ring, ptr = torch.zeros(1, 5), 0
@@ -131,9 +137,13 @@ for batch in range(1, 5):
 # gradients.
 
 # %%
+from mocolab.exercises.wrap_moco import your_moco
+
+
 def make_moco(m: float) -> MoCo:
+    """MoCo with key-encoder momentum m; its queue is written by your enqueue once that passes."""
     mocolab.seed_everything(SEED)  # both models start from the same weights and queue
-    return MoCo(partial(ConvNet, width=WIDTH), dim=DIM, K=K, m=m, T=T)
+    return your_moco(partial(ConvNet, width=WIDTH), dim=DIM, K=K, m=m, T=T, enqueue=enqueue)
 
 
 demo = make_moco(0.0)
@@ -178,10 +188,20 @@ del demo
 # decay the rate reaches 0 at the end, the query encoder stops moving, and every
 # queue looks consistent in the last epoch whatever m is: the measurement at the
 # end would then say more about the schedule than about the momentum.
+#
+# The kNN accuracy of the encoder before training (the initial weights of both
+# runs) is measured first: it is the starting point of the kNN curves.
+#
+# **Predict before you run it.** Which run ends with the higher kNN accuracy?
+# Does the m = 0 run end above or below its starting point? And does its loss end
+# above or below the chance loss ln(K + 1)?
 
 # %%
 config = TrainConfig(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, schedule=LR_SCHEDULE, seed=SEED)
 eval_data = (x_train, y_train, x_test, y_test)
+random_init_knn_acc = evaluate_knn(make_moco(0.0).encoder_q.to(device), *eval_data)
+print(f"kNN of the encoder before training (both runs start from it): {random_init_knn_acc:.1f} %")
+exercises.announce("enqueue", enqueue, "each training")
 runs, probes = {}, {}
 for m in (0.0, M_SLOW):
     model = make_moco(m)
@@ -197,7 +217,8 @@ for m in (0.0, M_SLOW):
 # %% [markdown]
 # ## Curves
 #
-# Each panel shows both runs per epoch. The dashed line in the loss panel is the
+# Each panel shows both runs per epoch; the kNN panel starts at epoch 0, the
+# encoder before training. The dashed line in the loss panel is the
 # chance loss ln(K + 1): the value of InfoNCE when the positive is no more
 # similar to the query than the K negatives are.
 
@@ -205,7 +226,8 @@ for m in (0.0, M_SLOW):
 keys = ["loss", "pretext_acc", "knn_acc", "key_consistency", "key_identification", "key_margin"]
 fig, axes = plt.subplots(2, 3, figsize=(12, 6.2))
 for h in runs.values():
-    plot_curves(h, keys, axes=axes.ravel())
+    plot_curves({**h, "knn_epoch": [0, *h["knn_epoch"]], "knn_acc": [random_init_knn_acc, *h["knn_acc"]]}, keys,
+                axes=axes.ravel())
 axes[0, 0].axhline(math.log(K + 1), color="grey", linestyle="--", linewidth=1)
 for ax in axes.ravel():
     ax.legend([f"m = {m:g}" for m in runs], fontsize="small", frameon=False)
@@ -214,11 +236,13 @@ fig.tight_layout()
 fig.savefig(out / "curves_m0_vs_momentum.png", dpi=100, bbox_inches="tight")
 
 # %% [markdown]
-# Notice the kNN panel: with m = 0.99 the accuracy climbs epoch after epoch,
-# with m = 0 it stays near (or falls below) where it started. Then look at the
-# identification panel: with m = 0.99 a recomputed key still finds its own
-# stored key among the K in the queue; with m = 0 it finds it far less often,
-# because the stored keys were written by encoders that have since moved.
+# Notice the kNN panel, against its epoch-0 point (the encoder before
+# training): with m = 0.99 the accuracy climbs over the run, far above that
+# point; with m = 0 it never climbs far above it and ends at or below it (the
+# summary prints both against the noise band). Then look at the identification
+# panel: with m = 0.99 a recomputed key still finds its own stored key among the
+# K in the queue; with m = 0 it finds it far less often, because the stored keys
+# were written by encoders that have since moved.
 #
 # ## The loss step by step
 #
@@ -283,13 +307,22 @@ for m, p in probes.items():
 # | setting | m = 0 | m = 0.99 |
 # |---|---|---|
 # | MoCo paper, ImageNet, ResNet-50, K = 4096, linear top-1 | fails (loss oscillates) | 57.8 % |
-# | reference run, 3,000 CIFAR-10 photos, 2-core CPU, 5 min, K = 4096, kNN | 25 % (loss ≈ ln(K+1) ≈ 8.0) | 41.5–43.3 % |
 #
-# The paper's number is a linear probe after 200 epochs on ImageNet, the
-# reference run a kNN accuracy on real photos after five minutes; this notebook
-# measures kNN on the synthetic shapes after a few epochs, with a smaller queue
-# (K = 512, chance loss ln(513) ≈ 6.2) and a smaller encoder. Compare directions,
-# not levels.
+# (He et al., *Momentum Contrast*, arXiv 1911.05722; `docs/published_figures.md`.)
+# The paper's number is a linear probe after 200 epochs on ImageNet; this
+# notebook measures kNN on the synthetic shapes after a few epochs, with a
+# smaller queue (K and its chance loss are printed at the top) and a smaller
+# encoder. Compare directions, not levels. The same
+# comparison on real photos, with a queue well below the number of training
+# images (`mocolab pretrain` refuses a queue that holds a stale key of each
+# query's own image), is two commands:
+#
+# ```
+# mocolab pretrain --data cifar10 --download --limit 5000 --K 1024 --m 0 --schedule constant --out runs/c10-m0
+# mocolab pretrain --data cifar10 --download --limit 5000 --K 1024 --m 0.99 --schedule constant --out runs/c10-m099
+# ```
+#
+# Each writes its kNN curve to `metrics.json` in its `--out` folder.
 
 # %%
 m0, m1 = runs[0.0], runs[M_SLOW]
@@ -306,6 +339,8 @@ metrics = {
     "loss_m099": m1["loss"],
     "pretext_acc_m0": m0["pretext_acc"][-1],
     "pretext_acc_m099": m1["pretext_acc"][-1],
+    "random_init_knn_acc": random_init_knn_acc,
+    "your_enqueue": exercises.is_yours("enqueue", enqueue),  # whether the trainings ran on your enqueue
     "knn_curve_m0": m0["knn_acc"],
     "knn_curve_m099": m1["knn_acc"],
     "consistency_by_age_m0": probes[0.0].last["by_age"],
@@ -327,7 +362,9 @@ metrics = lesson.finish(metrics)
 
 # %%
 print(compare_accuracies(f"kNN, m = {M_SLOW:g}", metrics["knn_acc_m099"], "m = 0", metrics["knn_acc_m0"], len(x_test)))
-print(f"kNN before training: {runs[0.0]['knn_acc'][0]:.1f} % (both runs start from the same weights)")
+for name, key in ((f"m = {M_SLOW:g}", "knn_acc_m099"), ("m = 0", "knn_acc_m0")):
+    print(compare_accuracies(f"kNN, {name}", metrics[key], "the encoder before training", random_init_knn_acc,
+                             len(x_test)))
 print(f"pretext accuracy: {metrics['pretext_acc_m0']:.1f} % with m = 0, {metrics['pretext_acc_m099']:.1f} % with m = {M_SLOW:g}")
 print(f"key identification: {metrics['key_identification_m0']:.1f} % with m = 0, "
       f"{metrics['key_identification_m099']:.1f} % with m = {M_SLOW:g} (chance {100 / K:.2g} %)")
@@ -359,5 +396,6 @@ for m, h in runs.items():
 # 2. Raise `LR` to 0.2 and lower it to 0.02 with m = 0. How do the consistency
 #    by age and the kNN accuracy change? (The key encoder moves as fast as SGD
 #    moves the query encoder.)
-# 3. Set `M_SLOW = 0.9` (time constant 10 steps, shorter than the queue's K / N
-#    steps) and compare its consistency-by-age curve with m = 0.99.
+# 3. Set `M_SLOW = 0.9` (time constant 1 / (1 − m) = 10 steps, about as long as
+#    the K / N steps that the queue spans: both are printed at the top) and
+#    compare its consistency-by-age curve with m = 0.99.

@@ -27,6 +27,9 @@
 # 3. set the result beside the MoCo paper's ablation, and relate the momentum
 #    encoder to the target networks of deep Q-learning and to Polyak averaging.
 #
+# On the way you write the momentum update yourself; once it passes its check,
+# the sweep runs on it.
+#
 # **Prerequisites.** 04 (the queue, key consistency and `KeyConsistencyProbe`).
 #
 # **Run time.** About 75 seconds on a quiet 2-core CPU at the default size
@@ -44,7 +47,7 @@ DIM = 128  # C, the dimension of q and k
 K = 512  # queue size
 T = 0.1  # softmax temperature
 MOMENTA = [0.0, 0.9, 0.99, 0.999]  # the values of m swept (the MoCo paper's ablation, without 0.9999)
-EPOCHS = 16  # passes over the training images for each m (31 steps each; the same budget for every m)
+EPOCHS = 16  # passes over the training images for each m (31 steps per epoch; the same budget for every m)
 BATCH_SIZE = 64  # N, images per step
 LR = 0.06  # SGD learning rate
 LR_SCHEDULE = "constant"  # "constant": θq moves at the same pace to the end; "cosine" decays the rate to 0
@@ -61,7 +64,8 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 import mocolab
-from mocolab import BatchAugment, ConvNet, KeyConsistencyProbe, Lesson, MoCo, accuracy_noise
+from mocolab import (BatchAugment, ConvNet, KeyConsistencyProbe, Lesson, MoCo, accuracy_noise, compare_accuracies,
+                     evaluate_knn)
 from mocolab.momentum import ema_track
 from mocolab.plotting import plot_sweep
 from mocolab.train import TrainConfig, fit
@@ -73,7 +77,8 @@ x_train, y_train, x_test, y_test, classes = lesson.load(DATASET, NUM_TRAIN, NUM_
 augment = BatchAugment(image_size=x_train.shape[-1]).to(device)
 steps_per_epoch = len(x_train) // BATCH_SIZE
 total_steps = steps_per_epoch * EPOCHS
-print(f"{total_steps} steps per run; the queue holds the keys of the last {K / BATCH_SIZE:g} steps")
+print(f"{total_steps} steps per run ({steps_per_epoch} per epoch); the queue holds the keys of the last "
+      f"K / N = {K / BATCH_SIZE:g} steps")
 
 # %% [markdown]
 # ## An exponential moving average
@@ -99,7 +104,11 @@ momentum_explorer(m=0.99)
 # %% [markdown]
 # The same simulation without the slider, for the values of m swept below: the
 # time constant, the mean distance between the EMA and its target (lag) and the
-# mean distance the EMA moves per step (drift).
+# mean distance the EMA moves per step (drift). Then, for the runs below, how each
+# time constant compares with the span of the queue and with the whole run, and
+# how much of the key encoder at the end of a run comes from the query encoders
+# of the run rather than from its initial weights: 1 − mⁿ after n steps (the
+# initial weights keep the share mⁿ of the average).
 
 # %%
 print(f"{'m':>6} {'time constant':>14} {'mean lag':>9} {'mean drift/step':>16}")
@@ -107,7 +116,12 @@ for m in MOMENTA:
     r = ema_track(m, steps=300, target="random_walk", seed=SEED)
     tau = "inf" if math.isinf(r["time_constant"]) else f"{r['time_constant']:.0f}"
     print(f"{m:>6g} {tau:>14} {r['lag']:>9.3f} {r['mean_drift']:>16.4f}")
-print(f"this notebook's runs last {total_steps} steps; the queue spans {K / BATCH_SIZE:g} steps")
+span = K / BATCH_SIZE
+print(f"\nthe runs below: n = {total_steps} steps each; the queue spans K / N = {span:g} steps")
+print(f"{'m':>6} {'1 / (1 - m)':>12} {'x queue span':>13} {'x run length':>13} {'from θq: 1 - m^n':>17}")
+for m in MOMENTA:
+    tau = math.inf if m == 1 else 1 / (1 - m)
+    print(f"{m:>6g} {tau:>12,.0f} {tau / span:>13.3g} {tau / total_steps:>13.3g} {1 - m ** total_steps:>16.0%}")
 
 # %% [markdown]
 # ### Your turn: the momentum update, in place
@@ -132,9 +146,9 @@ momentum_update = exercises.check("momentum_update", momentum_update)
 
 # %% [markdown]
 # The drift per step is what makes the queue inconsistent; the lag is what the
-# key encoder pays for it. Keep the run length printed last in mind: a time
-# constant comparable to the whole training means the key encoder barely leaves
-# its random initialisation.
+# key encoder pays for it. Keep the second table in mind: a time constant
+# comparable to the whole training means the key encoder stays close to its
+# random initialisation for much of the run.
 #
 # ## Target networks and Polyak averaging
 #
@@ -163,15 +177,31 @@ momentum_update = exercises.check("momentum_update", momentum_update)
 # `KeyConsistencyProbe` recomputes the keys of the whole queue with the current
 # key encoder (the definition is in notebook 04: cosine between stored and
 # recomputed keys, BN in training mode on each step's batch; plus the
-# collapse-proof *identification* rate), and `fit` runs the kNN monitor.
+# collapse-proof *identification* rate), and `fit` runs the kNN monitor. The
+# encoder before training, the same for every m, is measured first.
+#
+# **Predict before you run it.** Rank the four values of m by the kNN accuracy
+# they will reach, and by the key identification. Which m, if any, will end
+# below the encoder it started from?
 
 # %%
+from mocolab.exercises.wrap_moco import your_moco
+
+
+def make_moco(m: float) -> MoCo:
+    """MoCo with key-encoder momentum m; its key encoder follows your momentum_update once that passes."""
+    mocolab.seed_everything(SEED)  # every m starts from the same weights and queue
+    return your_moco(partial(ConvNet, width=WIDTH), dim=DIM, K=K, m=m, T=T, momentum_update=momentum_update)
+
+
 config = TrainConfig(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, schedule=LR_SCHEDULE, seed=SEED)
 eval_data = (x_train, y_train, x_test, y_test)
+random_init_knn_acc = evaluate_knn(make_moco(MOMENTA[0]).encoder_q.to(device), *eval_data)
+print(f"kNN of the encoder before training (every run starts from it): {random_init_knn_acc:.1f} %")
+exercises.announce("momentum_update", momentum_update, "the sweep")
 runs, last_by_age = {}, {}
 for m in MOMENTA:
-    mocolab.seed_everything(SEED)
-    model = MoCo(partial(ConvNet, width=WIDTH), dim=DIM, K=K, m=m, T=T)
+    model = make_moco(m)
     probe = KeyConsistencyProbe()
     runs[m] = h = fit(model, x_train, augment, config, eval_data=eval_data, device=device,
                       on_step=probe, on_epoch=probe.on_epoch, desc=f"m={m:g}", verbose=False)
@@ -195,6 +225,8 @@ fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
 knn_by_m = {m: runs[m]["knn_acc"][-1] for m in MOMENTA}
 plot_sweep(knn_by_m, "momentum m", "kNN accuracy (%)", ax=axes[0], categorical=True,
            label=f"this notebook (kNN, {DATASET})", title="kNN accuracy after training")
+axes[0].axhline(random_init_knn_acc, color="grey", linestyle=":", label="before training")
+axes[0].legend(fontsize="small", frameon=False)
 axes[0].errorbar(range(len(MOMENTA)), list(knn_by_m.values()), fmt="none", ecolor="grey", capsize=3,
                  yerr=[accuracy_noise(v, len(x_test)) for v in knn_by_m.values()])
 plot_sweep({m: runs[m]["key_consistency"][-1] for m in MOMENTA}, "momentum m", "cos(stored k, recomputed k)",
@@ -206,18 +238,25 @@ fig.tight_layout()
 fig.savefig(out / "momentum_sweep.png", dpi=100, bbox_inches="tight")
 print("MoCo paper (ImageNet, ResNet-50, K = 4096, linear top-1): m = 0 fails, 0.9: 55.2 %, 0.99: 57.8 %, "
       "0.999: 59.0 %, 0.9999: 58.9 %")
+for m, acc in knn_by_m.items():
+    print(compare_accuracies(f"kNN, m = {m:g}", acc, "the encoder before training", random_init_knn_acc,
+                             len(x_test)))
 
 # %% [markdown]
-# Notice the kNN panel first: m = 0 ends near where every run started, m = 0.9
-# gains a little, and m = 0.99 and 0.999 gain tens of points. m = 0.999 has a
-# time constant of 1,000 steps, twice this run, and still learns: after n steps
-# the key encoder has moved 1 − mⁿ of the way towards the query encoder
-# (1 − 0.999⁴⁹⁶ ≈ 39 %), and a slowly moving target is enough to learn from.
-# Then the identification panel: with m = 0 and m = 0.9 (time constants of 1 and
-# 10 steps, no longer than the K / N = 8 steps the queue spans) a good part of
-# the recomputed keys no longer find their own stored key among the K; with
-# m ≥ 0.99 they do. The mean cosine in the middle stays close to 1 for every m:
-# it is the weakest of the three measures (notebook 04 explains why).
+# Notice the kNN panel first, against the dotted line: the encoder every run
+# started from (the verdicts under the figure compare each m with it, against the
+# noise band). m = 0 ends below its starting point: without averaging, training
+# made the features worse. m = 0.9 ends above it, m = 0.99 and 0.999 far above
+# it. m = 0.999 has a time constant longer than this whole run (the second table
+# near the top) and still learns: by the end of the run part of its key encoder
+# comes from the run's query encoders (the table's last column), and a slowly
+# moving target is enough to learn from.
+# Then the identification panel: with m = 0 and m = 0.9, whose time constants
+# are at most a little longer than the K / N steps the queue spans (the table's
+# "x queue span" column), part of the recomputed keys no longer find their own
+# stored key among the K, more of them with m = 0; with m ≥ 0.99 they do. The
+# mean cosine in the middle stays close to 1 for every m: it is the weakest of
+# the three measures (notebook 04 explains why).
 #
 # ## Consistency by age, for each m
 
@@ -232,9 +271,11 @@ ax.grid(alpha=0.3)
 fig.savefig(out / "consistency_by_age.png", dpi=100, bbox_inches="tight")
 
 # %% [markdown]
-# Notice the slopes: the larger m, the slower the keys age. For m close to 1
-# the curve is flat over the whole queue, because K / N steps are a small
-# fraction of the time constant 1 / (1 − m).
+# Notice the slopes: with m = 0.99 and 0.999 the keys age far more slowly than
+# with m = 0 and 0.9, whose curves lie close together (their time constants are
+# both about as long as the queue). For m close to 1 the curve is nearly flat
+# over the whole queue, because K / N steps are a small fraction of the time
+# constant 1 / (1 − m).
 #
 # ## Curves per m
 
@@ -243,7 +284,7 @@ fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
 for m in MOMENTA:
     h = runs[m]
     axes[0].plot(h["epoch"], h["loss"], marker="o", label=f"m = {m:g}")
-    axes[1].plot(h["knn_epoch"], h["knn_acc"], marker="o", label=f"m = {m:g}")
+    axes[1].plot([0, *h["knn_epoch"]], [random_init_knn_acc, *h["knn_acc"]], marker="o", label=f"m = {m:g}")
     axes[2].plot(h["epoch"], h["key_identification"], marker="o", label=f"m = {m:g}")
 axes[0].axhline(math.log(K + 1), color="grey", linestyle="--", linewidth=1, label="ln(K + 1)")
 for ax, title in zip(axes, ["loss", "kNN accuracy (%)", "key identification (%)"]):
@@ -278,6 +319,8 @@ metrics = {
     "total_steps": total_steps,
     "time_constants_m099": total_steps * (1 - 0.99),
     "epochs": EPOCHS,
+    "random_init_knn_acc": random_init_knn_acc,
+    "your_momentum_update": exercises.is_yours("momentum_update", momentum_update),  # whether the sweep ran on it
 }
 metrics = lesson.finish(metrics)
 
@@ -300,21 +343,23 @@ print(f"{total_steps} steps per run: {total_steps * (1 - 0.99):.1f} time constan
 #   Its time constant 1 / (1 − m) trades consistency of the queue (large m)
 #   against how quickly the keys follow what the query encoder learns (small m).
 # - m = 0 (no averaging) is the failure of notebook 04, measured again here:
-#   it ends near its random initialisation while m = 0.99 gains tens of points.
+#   it does not improve on its random initialisation, while m = 0.99 gains far
+#   more than the noise band (the verdicts above).
 #   A larger m averages over more steps, so the key encoder drifts less per step.
 # - The time constant 1 / (1 − m) only means something against the length of
-#   training and against the span of the queue, K / N steps: m = 0.9 (10 steps)
-#   barely outlasts this notebook's queue, m = 0.99 and 0.999 outlast it many
-#   times. The MoCo paper's 0.999 (1,000 steps) is short against its million or
-#   so steps; here it is twice the run, and the key encoder still moves far
-#   enough for the queries to learn.
+#   training and against the span of the queue, K / N steps (the table near the
+#   top sets them side by side): at the defaults m = 0.9 barely outlasts the
+#   queue, m = 0.99 and 0.999 outlast it many times over. The MoCo paper's 0.999
+#   (1,000 steps) is short against its million or so steps; here it is longer
+#   than the run, and the key encoder still moves far enough for the queries to
+#   learn.
 # - The same idea stabilises the targets of DQN (a periodically copied target
 #   network) and DDPG (Polyak averaging), and reappears in BYOL and DINO.
 #
 # **Exercises.**
 #
-# 1. Add m = 0.9999 to `MOMENTA` (the paper: 58.9 %). How many time constants
-#    of it does this notebook's run last?
+# 1. Add m = 0.9999 to `MOMENTA` (the paper: 58.9 %, `docs/published_figures.md`).
+#    How many time constants of it does this notebook's run last?
 # 2. Triple `EPOCHS` (three time constants of m = 0.999). Does m = 0.999 catch
 #    up with m = 0.99?
 # 3. Replace the constant m by MoCo v3 / BYOL's cosine schedule

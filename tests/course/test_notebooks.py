@@ -174,15 +174,29 @@ def check_10(metrics: dict, output_dir: Path) -> None:
     assert metrics["cmc_dataset"] == "shapes-lab", metrics["cmc_dataset"]
     for key in ("cmc_random_init_knn_acc", "cmc_l_knn_acc", "cmc_ab_knn_acc"):
         assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
-    for key in ("debiased_clamped_share_moco", "debiased_clamped_share", "debiased_kept_moco", "debiased_kept"):
-        assert _finite_number(metrics[key]) and 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+    # the debiased loss at T and at DEBIASED_T, MoCo at DEBIASED_T, and the share of queries at the debiased floor
+    epochs = CI_PARAMETERS["10_beyond_moco"]["EPOCHS"]
+    for key in ("debiased_knn_acc_at_debiased_t", "moco_knn_acc_at_debiased_t"):
+        assert _is_percent(metrics[key]), f"{key} = {metrics[key]!r} is not a percentage"
+    for run in ("debiased", "moco"):
+        for suffix in ("", "_at_debiased_t"):
+            share, history = metrics[f"{run}_floor_share{suffix}"], metrics[f"{run}_floor_share_history{suffix}"]
+            assert _finite_number(share) and 0.0 <= share <= 1.0, (run, suffix, share)
+            assert len(history) == epochs and history[-1] == share, (run, suffix, history, share)
+    loss = metrics["debiased_floor_loss"]  # the mean loss of the queries at the floor; None when there were none
+    assert (loss is None) == (metrics["debiased_floor_share"] == 0.0), loss
+    assert loss is None or (_finite_number(loss) and loss >= 0.0), loss
+    assert metrics["debiased_t"] == 0.5
     for key in ("same_before", "other_before", "same_after", "other_after"):
         v = metrics[f"cmc_agreement_{key}"]
         assert _finite_number(v) and -1.0 - 1e-5 <= v <= 1.0 + 1e-5, (key, v)
     assert metrics["num_train"] == 128 and metrics["num_test"] == 64
-    assert len(metrics["headline_effects"]) == 3
     _check_verdicts("10", metrics)
-    _check_figures(output_dir, ("lab_views", "mochi_similarities", "knn_summary"))
+    from mocolab.lesson import AT_SCALE, judge_effects
+
+    # claims the notebook says need more scale (clustering) are judged and recorded, not claimed
+    assert metrics["at_scale_effects"] == judge_effects("10", metrics, AT_SCALE), metrics["at_scale_effects"]
+    _check_figures(output_dir, ("lab_views", "mochi_similarities", "debiased_floor", "knn_summary"))
 
 
 def check_07(metrics: dict, output_dir: Path) -> None:
@@ -202,6 +216,11 @@ def check_07(metrics: dict, output_dir: Path) -> None:
     assert metrics["num_train"] == params["NUM_IMAGES"] and metrics["num_test"] == max(10, params["NUM_IMAGES"] // 5)
     assert metrics["total_steps"] == params["EPOCHS"] * (params["NUM_IMAGES"] // params["BATCH_SIZE"])
     assert len(metrics["headline_effects"]) == 1 and isinstance(metrics["headline_effects"][0]["holds"], bool)
+    # headless, mocolab's own moco_step trains beside mocolab.MoCo: the same operations, the same numbers
+    ours = metrics["your_moco"]
+    assert ours["yours"] is False and ours["steps"] == params["NUM_IMAGES"] // params["BATCH_SIZE"] * ours["epochs"]
+    assert ours["knn_acc"] == ours["mocolab_knn_acc"] and _is_percent(ours["knn_acc"]) and ours["same_pointer"]
+    assert ours["max_step_logit_difference"] == ours["max_logit_difference"] == ours["max_queue_difference"] == 0.0
     for name in ("knn_and_loss.png", "v1_v2_symmetric.png", "backbone.pt", "recipe/checkpoint.pt",
                  "recipe/metrics.json", "v2/checkpoint.pt"):
         assert (output_dir / name).stat().st_size > 0, name
@@ -292,6 +311,8 @@ def check_04(metrics: dict, output_dir: Path) -> None:
         assert abs(ages[0] - 1.0) < 1e-4, ages
     assert metrics["chance_loss"] == math.log(params["K"] + 1)
     assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_TRAIN"], params["NUM_TEST"])
+    assert _is_percent(metrics["random_init_knn_acc"])
+    assert metrics["your_enqueue"] is False  # headless: the stub is not written, mocolab's enqueue stands in
     _check_verdicts("04", metrics)
     _check_figures(output_dir, ("curves_m0_vs_momentum", "step_loss", "consistency_by_age"))
 
@@ -309,6 +330,8 @@ def check_05(metrics: dict, output_dir: Path) -> None:
     assert sweep["0.999"]["key_consistency"] > 0.999, sweep["0.999"]
     assert sweep["0.999"]["key_consistency"] >= sweep["0"]["key_consistency"] - 1e-6
     assert (metrics["num_train"], metrics["num_test"]) == (params["NUM_TRAIN"], params["NUM_TEST"])
+    assert _is_percent(metrics["random_init_knn_acc"])
+    assert metrics["your_momentum_update"] is False  # headless: mocolab's update stands in
     _check_verdicts("05", metrics)
     _check_figures(output_dir, ("momentum_sweep", "consistency_by_age", "curves_per_m"))
 
@@ -327,6 +350,7 @@ def check_06(metrics: dict, output_dir: Path) -> None:
     assert metrics["num_train"] == params["NUM_TRAIN"] and metrics["num_test"] == params["NUM_TEST"]
     assert metrics["total_steps"] == params["EPOCHS"] * (params["NUM_TRAIN"] // params["BATCH_SIZE"])
     assert len(metrics["headline_effects"]) == 1 and isinstance(metrics["headline_effects"][0]["holds"], bool)
+    assert metrics["your_shuffled_keys"] is False  # headless: mocolab's shuffled keys stand in
     _check_figures(output_dir, ("shuffle_vs_no_shuffle",))
 
 

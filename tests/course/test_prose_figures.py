@@ -34,9 +34,7 @@ FIGURE = re.compile(
 NOT_MEASURED = [
     (r"\d+–100 % of\s+the\s+image\s+area", "the area range of the random resized crop, a parameter"),
     (r"±40 %", "the strength of the colour jitter, a parameter"),
-    (r"[⁰¹²³⁴⁵⁶⁷⁸⁹]\s?≈\s?\d+ %", "arithmetic on the numbers written before it (0.5⁵ ≈ 3 %)"),
     (r"at least\s+5 points", "the margin notebook 06's headline effect asks for (EFFECTS in mocolab/lesson.py)"),
-    (r"within\s+5 % of it", "the tolerance of notebook 02's first headline effect (EFFECTS in mocolab/lesson.py)"),
 ]
 
 
