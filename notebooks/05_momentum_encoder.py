@@ -245,9 +245,9 @@ for m, acc in knn_by_m.items():
 # %% [markdown]
 # Notice the kNN panel first, against the dotted line: the encoder every run
 # started from (the verdicts under the figure compare each m with it, against the
-# noise band). m = 0 ends below its starting point: without averaging, training
-# made the features worse. m = 0.9 ends above it, m = 0.99 and 0.999 far above
-# it. m = 0.999 has a time constant longer than this whole run (the second table
+# noise band). m = 0 ends at or below its starting point: without averaging,
+# training does not improve the features. m = 0.9 ends above it, m = 0.99 and
+# 0.999 far above it. m = 0.999 has a time constant longer than this whole run (the second table
 # near the top) and still learns: by the end of the run part of its key encoder
 # comes from the run's query encoders (the table's last column), and a slowly
 # moving target is enough to learn from.
