@@ -262,7 +262,7 @@ def train_bank(loss):
     return model, hist, probes
 
 
-exercises.announce("bank_update", bank_update, "both memory-bank runs")
+exercises.announce("bank_update", bank_update, "each memory-bank run")
 softmax_model, softmax_hist, softmax_probes = train_bank("softmax")
 softmax_knn_acc = softmax_hist["knn_acc"][-1]
 print("epoch  bank cosine  view cosine")
